@@ -1,0 +1,546 @@
+"""Every message that crosses a process boundary, defined once.
+
+Each top-level message travels as two ZeroMQ frames: a 1-byte `MessageKind`
+and a msgpack body (see `codec.py`).  Nested structs travel as msgpack
+extension objects tagged with their `StructKind`.  Token ids travel as packed
+int32 arrays (`TokenIds`), not as lists of msgpack integers.
+
+Peers (see docs/architecture.md for the full flow):
+  gateway  <-> scheduler   ROUTER (scheduler) / DEALER (gateway)
+  gateway  <-> tokenizers  ROUTER (gateway)   / DEALER (tokenizer)
+  scheduler -> workers     PUB (scheduler)    / SUB (every rank)
+  workers  -> scheduler    ROUTER (scheduler) / DEALER (every rank; rank 0 sends results)
+"""
+
+from __future__ import annotations
+
+import array
+import enum
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+PROTOCOL_VERSION = 1
+
+
+def token_ids(values=()) -> array.array:
+    """Return `values` as the compact int32 array used for token ids on the wire."""
+    return values if isinstance(values, array.array) and values.typecode == "i" else array.array("i", values)
+
+
+TokenIds = array.array
+
+
+class MessageKind(enum.IntEnum):
+    """First frame of every message: which top-level struct the body holds."""
+
+    # gateway <-> scheduler
+    GATEWAY_HELLO = 1
+    SCHEDULER_INFO = 2
+    SUBMIT = 3
+    CANCEL = 4
+    TOKEN_BATCH = 5
+    REQUEST_FAILED = 6
+    PING = 7
+    PONG = 8
+    # scheduler <-> workers
+    WORKER_HELLO = 20
+    WELCOME = 21
+    WORKER_READY = 22
+    STEP = 23
+    STEP_RESULT = 24
+    STEP_FAILED = 25
+    HEARTBEAT = 26
+    SHUTDOWN = 27
+    # gateway <-> tokenizers
+    TOKENIZER_HELLO = 40
+    TOKENIZER_GOODBYE = 41
+    TOKENIZE = 42
+    TOKENIZE_RESULT = 43
+    DETOK_OPEN = 44
+    DETOK_TOKENS = 45
+    DETOK_RESULT = 46
+    DETOK_CLOSE = 47
+
+
+class StructKind(enum.IntEnum):
+    """msgpack extension tag of each nested struct."""
+
+    MODEL_INFO = 1
+    LOGITS_PARAMS = 2
+    STOP_PARAMS = 3
+    GENERATE_REQUEST = 4
+    TOKEN_DETAIL = 5
+    TOKEN_OUTPUT = 6
+    NEW_SEQUENCE = 7
+    SEQUENCE_OUTPUT = 8
+    TOKENIZED_TEXT = 9
+    DETOK_PARAMS = 10
+    DETOK_ITEM = 11
+    DETOK_DELTA = 12
+    STEP_STATS = 13
+
+
+class StopReason(enum.IntEnum):
+    """Why a sequence stopped; values equal the fmaas `StopReason` proto enum."""
+
+    NOT_FINISHED = 0
+    MAX_TOKENS = 1
+    EOS_TOKEN = 2
+    CANCELLED = 3
+    TIME_LIMIT = 4
+    STOP_SEQUENCE = 5
+    TOKEN_LIMIT = 6
+    ERROR = 7
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# --------------------------------------------------------------------------- shared structs
+
+
+@dataclass
+class ModelInfo:
+    """What the worker group reports about the loaded model (sent to the scheduler, then gateways)."""
+
+    STRUCT: ClassVar[StructKind] = StructKind.MODEL_INFO
+    model_name: str
+    model_path: str
+    encoder_decoder: bool
+    vocab_size: int
+    eos_token_id: int
+    pad_token_id: int
+    max_sequence_length: int
+    max_new_tokens: int
+    max_batch_size: int
+    world_size: int
+    device: str
+    dtype: str
+
+
+@dataclass
+class LogitsParams:
+    """Per-sequence logits processing and sampling settings (TGIS semantics, already converted).
+
+    temperature 0 means greedy; top_k 0, top_p 1.0, typical_p <= 0 or >= 1 and
+    repetition_penalty 1.0 mean "off".
+    """
+
+    STRUCT: ClassVar[StructKind] = StructKind.LOGITS_PARAMS
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 0.0
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    length_penalty_start: int = 0
+    length_penalty_decay: float = 0.0  # 0 = no length penalty
+    min_new_tokens: int = 0
+    token_logprobs: bool = False
+    token_ranks: bool = False
+    top_n_tokens: int = 0
+    generated_details: bool = False
+    input_details: bool = False
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature != 0.0
+
+
+@dataclass
+class StopParams:
+    """When the scheduler ends a sequence (stop sequences are the tokenizer's job)."""
+
+    STRUCT: ClassVar[StructKind] = StructKind.STOP_PARAMS
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    # Wall-clock (time.time()) deadline; 0 = none.  Wall clock because it crosses processes.
+    deadline: float = 0.0
+    # max_new_tokens was lowered to fit max_sequence_length: reaching it is TOKEN_LIMIT.
+    token_limited: bool = False
+
+
+@dataclass
+class TokenDetail:
+    """One token's id with the details asked for (logprob, rank, top-n alternatives)."""
+
+    STRUCT: ClassVar[StructKind] = StructKind.TOKEN_DETAIL
+    token_id: int
+    logprob: float = 0.0
+    rank: int = 0
+    top_ids: TokenIds = field(default_factory=token_ids)
+    top_logprobs: list[float] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- gateway <-> scheduler
+
+
+@dataclass
+class GatewayHello:
+    """Gateway -> scheduler: a gateway connected; the scheduler answers with SchedulerInfo once a model is loaded."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.GATEWAY_HELLO
+    gateway_id: str
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass
+class SchedulerInfo:
+    """Scheduler -> gateway: the model and limits this pipeline serves."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.SCHEDULER_INFO
+    model: ModelInfo
+    max_waiting_tokens: int
+
+
+@dataclass
+class GenerateRequest:
+    """One validated input, tokenized and ready to queue."""
+
+    STRUCT: ClassVar[StructKind] = StructKind.GENERATE_REQUEST
+    request_id: str
+    input_ids: TokenIds
+    logits: LogitsParams
+    stop: StopParams
+    arrival_time: float  # time.time() when the gateway received the call
+
+
+@dataclass
+class Submit:
+    """Gateway -> scheduler: the inputs of one gRPC call, queued together."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.SUBMIT
+    requests: list[GenerateRequest]
+
+
+@dataclass
+class Cancel:
+    """Gateway -> scheduler: stop these requests (client gone, or a stop sequence matched)."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.CANCEL
+    request_ids: list[str]
+
+
+@dataclass
+class StepStats:
+    """Scheduler's view of one step, carried to the gateway for its metrics."""
+
+    STRUCT: ClassVar[StructKind] = StructKind.STEP_STATS
+    method: str  # "prefill" (the step added sequences) or "next_token"
+    batch_size: int  # sequences in this step
+    duration: float  # seconds, scheduler send -> result
+    forward_duration: float  # seconds, reported by the worker
+    prefill_tokens: int = 0
+    concatenated: bool = False
+    # State after the step, for the gauges.
+    running: int = 0
+    queue_size: int = 0
+    batch_input_tokens: int = 0
+    batch_remaining_tokens: int = 0
+
+
+@dataclass
+class TokenOutput:
+    """New tokens for one request; `stop_reason` set on its last output.
+
+    `generated_count` is the running total including `tokens`.  `input_details`
+    comes once, with the first token, when input token details were asked for.
+    """
+
+    STRUCT: ClassVar[StructKind] = StructKind.TOKEN_OUTPUT
+    request_id: str
+    tokens: list[TokenDetail]
+    generated_count: int
+    stop_reason: StopReason = StopReason.NOT_FINISHED
+    input_details: list[TokenDetail] | None = None
+    queue_duration: float = 0.0  # set on the first output: seconds spent queued
+
+
+@dataclass
+class TokenBatch:
+    """Scheduler -> gateway: one step's outputs for that gateway's requests, plus step stats."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.TOKEN_BATCH
+    outputs: list[TokenOutput]
+    stats: StepStats | None = None
+
+
+@dataclass
+class RequestFailed:
+    """Scheduler -> gateway: these requests failed during generation."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.REQUEST_FAILED
+    request_ids: list[str]
+    message: str
+
+
+@dataclass
+class Ping:
+    """Liveness probe through a hop; answered with Pong carrying the same nonce."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.PING
+    nonce: int
+
+
+@dataclass
+class Pong:
+    KIND: ClassVar[MessageKind] = MessageKind.PONG
+    nonce: int
+    workers_ready: bool = True
+    queue_size: int = 0
+    batch_size: int = 0
+
+
+# --------------------------------------------------------------------------- scheduler <-> workers
+
+
+@dataclass
+class WorkerHello:
+    """Rank -> scheduler, repeated until the rank's subscription delivers a Welcome."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.WORKER_HELLO
+    rank: int
+    world_size: int
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass
+class Welcome:
+    """Scheduler -> ranks (PUB): proves the rank's subscription is live."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.WELCOME
+    rank: int
+
+
+@dataclass
+class WorkerReady:
+    """Rank -> scheduler: weights loaded, ready for steps."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.WORKER_READY
+    rank: int
+    model: ModelInfo
+
+
+@dataclass
+class NewSequence:
+    """A sequence joining the running batch: prefill it and produce its first token."""
+
+    STRUCT: ClassVar[StructKind] = StructKind.NEW_SEQUENCE
+    request_id: str
+    input_ids: TokenIds
+    logits: LogitsParams
+
+
+@dataclass
+class Step:
+    """Scheduler -> all ranks: drop `remove`, prefill `add`, then one decode step for the others.
+
+    Every rank applies the same steps in the same order, so their batches stay
+    identical; only rank 0 answers.
+    """
+
+    KIND: ClassVar[MessageKind] = MessageKind.STEP
+    step_id: int
+    add: list[NewSequence]
+    remove: list[str]
+    decode: bool
+
+
+@dataclass
+class SequenceOutput:
+    """One sequence's new token from a step (and its input details after prefill)."""
+
+    STRUCT: ClassVar[StructKind] = StructKind.SEQUENCE_OUTPUT
+    request_id: str
+    token: TokenDetail
+    input_details: list[TokenDetail] | None = None
+
+
+@dataclass
+class StepResult:
+    """Rank 0 -> scheduler: the outputs of one step."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.STEP_RESULT
+    step_id: int
+    outputs: list[SequenceOutput]
+    forward_ns: int
+
+
+@dataclass
+class StepFailed:
+    """A rank -> scheduler: the step raised; the worker has dropped its whole batch."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.STEP_FAILED
+    step_id: int
+    rank: int
+    message: str
+    out_of_memory: bool = False
+
+
+@dataclass
+class Heartbeat:
+    """Periodic liveness from a worker rank or tokenizer process."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.HEARTBEAT
+    sender: str
+
+
+@dataclass
+class Shutdown:
+    """Scheduler -> ranks: exit cleanly."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.SHUTDOWN
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------- gateway <-> tokenizers
+
+
+@dataclass
+class TokenizerHello:
+    """Tokenizer -> gateway: a process joined the pool (also sent again after a gateway restart)."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.TOKENIZER_HELLO
+    name: str
+    pid: int
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass
+class TokenizerGoodbye:
+    """Tokenizer -> gateway: leaving the pool; its open work must move elsewhere."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.TOKENIZER_GOODBYE
+    name: str
+
+
+@dataclass
+class TokenizedText:
+    """One text's tokenization."""
+
+    STRUCT: ClassVar[StructKind] = StructKind.TOKENIZED_TEXT
+    ids: TokenIds
+    tokens: list[str] = field(default_factory=list)
+    offsets: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class Tokenize:
+    """Gateway -> tokenizer: encode texts with special tokens added."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.TOKENIZE
+    job_id: int
+    texts: list[str]
+    return_tokens: bool = False
+    return_offsets: bool = False
+
+
+@dataclass
+class TokenizeResult:
+    """Tokenizer -> gateway: the answer to `Tokenize` (or the tokenizer's error)."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.TOKENIZE_RESULT
+    job_id: int
+    results: list[TokenizedText]
+    error: str = ""
+
+
+@dataclass
+class DetokParams:
+    """How to turn one request's generated ids into text."""
+
+    STRUCT: ClassVar[StructKind] = StructKind.DETOK_PARAMS
+    stop_sequences: list[str]
+    include_stop_sequence: bool
+    skip_special_tokens: bool
+    eos_token_id: int
+    min_new_tokens: int = 0
+    stream: bool = False  # hold back text that a stop sequence might still take back
+
+
+@dataclass
+class DetokOpen:
+    """Gateway -> tokenizer: start (or, after a tokenizer loss, resume) a request's detokenizer.
+
+    `replay_ids` are tokens already turned into text elsewhere: decode them
+    silently so the next `DetokItem` continues where the lost process stopped.
+    """
+
+    KIND: ClassVar[MessageKind] = MessageKind.DETOK_OPEN
+    request_id: str
+    params: DetokParams
+    replay_ids: TokenIds = field(default_factory=token_ids)
+
+
+@dataclass
+class DetokItem:
+    """New ids of one request.  `piece_ids` are ids whose raw vocabulary pieces are wanted."""
+
+    STRUCT: ClassVar[StructKind] = StructKind.DETOK_ITEM
+    request_id: str
+    first_index: int  # generated-token index of ids[0]
+    ids: TokenIds
+    stop_reason: StopReason = StopReason.NOT_FINISHED
+    piece_ids: TokenIds = field(default_factory=token_ids)
+
+
+@dataclass
+class DetokTokens:
+    """Gateway -> tokenizer: new ids for requests that tokenizer owns."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.DETOK_TOKENS
+    items: list[DetokItem]
+
+
+@dataclass
+class DetokDelta:
+    """Text released by one DetokItem, one entry per id.
+
+    `texts[i]` is the text that became final with ids[i].  When a stop
+    sequence matched, `stop_reason` is STOP_SEQUENCE and `texts` ends at the
+    token that completed it; later ids of that request are ignored.
+    """
+
+    STRUCT: ClassVar[StructKind] = StructKind.DETOK_DELTA
+    request_id: str
+    first_index: int
+    texts: list[str]
+    stop_reason: StopReason = StopReason.NOT_FINISHED
+    stop_sequence: str = ""
+    pieces: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DetokResult:
+    """Tokenizer -> gateway: answers to one DetokTokens."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.DETOK_RESULT
+    deltas: list[DetokDelta]
+    error: str = ""
+
+
+@dataclass
+class DetokClose:
+    """Gateway -> tokenizer: forget these requests."""
+
+    KIND: ClassVar[MessageKind] = MessageKind.DETOK_CLOSE
+    request_ids: list[str]
+
+
+MESSAGE_TYPES: dict[MessageKind, type] = {
+    cls.KIND: cls
+    for cls in (
+        GatewayHello, SchedulerInfo, Submit, Cancel, TokenBatch, RequestFailed, Ping, Pong,
+        WorkerHello, Welcome, WorkerReady, Step, StepResult, StepFailed, Heartbeat, Shutdown,
+        TokenizerHello, TokenizerGoodbye, Tokenize, TokenizeResult,
+        DetokOpen, DetokTokens, DetokResult, DetokClose,
+    )
+}
+
+STRUCT_TYPES: dict[StructKind, type] = {
+    cls.STRUCT: cls
+    for cls in (
+        ModelInfo, LogitsParams, StopParams, GenerateRequest, TokenDetail, TokenOutput, NewSequence,
+        SequenceOutput, TokenizedText, DetokParams, DetokItem, DetokDelta, StepStats,
+    )
+}

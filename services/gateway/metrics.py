@@ -1,0 +1,106 @@
+"""The tgi_* Prometheus metrics (TGIS names, kinds, labels and buckets), recorded by the gateway.
+
+Steps run in the scheduler and worker; their figures arrive in `StepStats`
+attached to token batches, so one scrape of the gateway shows the whole
+pipeline (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common.protocol import StepStats
+
+DURATION_BUCKETS = [0.0001 * 1.5**k for k in range(1, 36)]
+TOKENIZE_TOKEN_BUCKETS = [float(2**k) for k in range(6, 20)]
+
+
+def _linear(limit: int) -> list[float]:
+    return [limit / 64 * i for i in range(1, 65)]
+
+
+class GatewayMetrics:
+    """Every tgi_* metric in one registry; built once the model's limits are known."""
+
+    def __init__(self, max_sequence_length: int, max_new_tokens: int, max_batch_size: int) -> None:
+        self.registry = r = CollectorRegistry()
+        self.request_count = Counter("tgi_request_count", "gRPC generate calls", ["kind"], registry=r)
+        self.request_input_count = Counter("tgi_request_input_count", "inputs received", registry=r)
+        self.request_failure = Counter("tgi_request_failure", "failed inputs", ["err"], registry=r)
+        self.request_success = Counter("tgi_request_success", "finished inputs", ["stop_reason", "kind"], registry=r)
+        self.batch_concatenation = Counter("tgi_batch_concatenation_count", "add-on batches merged", registry=r)
+        self.batch_inference_count = Counter("tgi_batch_inference_count", "worker steps", ["method"], registry=r)
+        self.batch_inference_success = Counter("tgi_batch_inference_success", "successful steps", ["method"], registry=r)
+        self.batch_inference_failure = Counter(
+            "tgi_batch_inference_failure", "failed steps", ["method", "reason"], registry=r)
+        self.queue_jump = Counter("tgi_queue_jump", "entries that jumped the queue", registry=r)
+        self.granular_batch_addition = Counter("tgi_granular_batch_addition", "granular weight checks that fit", registry=r)
+        self.prefill_weight_limit_exceeded = Counter(
+            "tgi_prefill_weight_limit_exceeded", "entries skipped for prefill weight", registry=r)
+        self.prefill_padding_limit_exceeded = Counter(
+            "tgi_prefill_padding_limit_exceeded", "entries skipped for prefill padding", registry=r)
+        self.prompt_load_failure = Counter("tgi_prompt_load_failure", "failed prompt prefix loads", registry=r)
+        self.tokenize_request_count = Counter("tgi_tokenize_request_count", "Tokenize calls", registry=r)
+        self.tokenize_request_input_count = Counter("tgi_tokenize_request_input_count", "Tokenize inputs", registry=r)
+
+        def hist(name: str, doc: str, buckets: list[float], labels: tuple[str, ...] = ()) -> Histogram:
+            return Histogram(name, doc, list(labels), buckets=buckets, registry=r)
+
+        self.raw_input_length = hist("tgi_request_raw_input_length", "input tokens before truncation",
+                                     _linear(max_sequence_length))
+        self.input_length = hist("tgi_request_input_length", "input tokens", _linear(max_sequence_length))
+        self.max_new_tokens = hist("tgi_request_max_new_tokens", "requested max_new_tokens", _linear(max_new_tokens))
+        self.validation_duration = hist("tgi_request_validation_duration", "validation seconds", DURATION_BUCKETS)
+        self.queue_duration = hist("tgi_request_queue_duration", "seconds queued", DURATION_BUCKETS)
+        self.inference_duration = hist("tgi_request_inference_duration", "seconds generating", DURATION_BUCKETS)
+        self.mean_time_per_token = hist("tgi_request_mean_time_per_token_duration", "inference seconds per token",
+                                        DURATION_BUCKETS)
+        self.request_duration = hist("tgi_request_duration", "end-to-end seconds", DURATION_BUCKETS)
+        self.generated_tokens = hist("tgi_request_generated_tokens", "generated tokens", _linear(max_new_tokens))
+        self.total_tokens = hist("tgi_request_total_tokens", "input + generated tokens", _linear(max_sequence_length))
+        self.prompt_load_duration = hist("tgi_prompt_load_duration", "prompt prefix load seconds", DURATION_BUCKETS)
+        self.batch_next_tokens = hist("tgi_batch_next_tokens", "tokens in a prefill batch", _linear(max_sequence_length))
+        self.batch_size = hist("tgi_batch_inference_batch_size", "sequences per step",
+                               [float(i) for i in range(1, max_batch_size + 1)], ("method",))
+        self.batch_duration = hist("tgi_batch_inference_duration", "step seconds", DURATION_BUCKETS,
+                                   ("method", "makeup"))
+        self.batch_forward_duration = hist("tgi_batch_inference_forward_duration", "worker forward seconds",
+                                           DURATION_BUCKETS, ("method", "makeup"))
+        self.batch_tokproc_duration = hist("tgi_batch_inference_tokproc_duration", "token processing seconds",
+                                           DURATION_BUCKETS, ("method", "makeup"))
+        self.tokenize_tokens = hist("tgi_tokenize_request_tokens", "tokens per Tokenize call", TOKENIZE_TOKEN_BUCKETS)
+        self.tokenize_duration = hist("tgi_tokenize_request_duration", "Tokenize seconds", DURATION_BUCKETS)
+        # Not in TGIS; asked for by users.
+        self.time_to_first_token = hist("tgi_request_time_to_first_token_duration",
+                                        "seconds from request to first generated token", DURATION_BUCKETS)
+        self.inter_token_latency = hist("tgi_request_inter_token_latency_duration",
+                                        "seconds between generated tokens", DURATION_BUCKETS)
+
+        self.batch_current_size = Gauge("tgi_batch_current_size", "sequences in the running batch", registry=r)
+        self.batch_input_tokens = Gauge("tgi_batch_input_tokens", "input + generated tokens in the batch", registry=r)
+        self.batch_max_remaining_tokens = Gauge("tgi_batch_max_remaining_tokens",
+                                                "sum of remaining tokens in the batch", registry=r)
+        self.queue_size = Gauge("tgi_queue_size", "requests waiting", registry=r)
+        self.tokenizer_pool_size = Gauge("tgi_tokenizer_pool_size", "tokenizer processes in the pool", registry=r)
+        self.tokenizer_handled = Counter("tgi_tokenizer_messages_handled", "replies from each tokenizer process",
+                                         ["tokenizer"], registry=r)
+
+    def record_step(self, stats: StepStats) -> None:
+        method, makeup = stats.method, "single_only"
+        self.batch_inference_count.labels(method).inc()
+        self.batch_inference_success.labels(method).inc()
+        self.batch_size.labels(method).observe(stats.batch_size)
+        self.batch_duration.labels(method, makeup).observe(stats.duration)
+        self.batch_forward_duration.labels(method, makeup).observe(stats.forward_duration)
+        self.batch_tokproc_duration.labels(method, makeup).observe(max(0.0, stats.duration - stats.forward_duration))
+        if stats.prefill_tokens:
+            self.batch_next_tokens.observe(stats.prefill_tokens)
+        if stats.concatenated:
+            self.batch_concatenation.inc()
+        self.set_batch_gauges(stats.running, stats.batch_input_tokens, stats.batch_remaining_tokens, stats.queue_size)
+
+    def set_batch_gauges(self, size: int, input_tokens: int, remaining: int, queue_size: int) -> None:
+        self.batch_current_size.set(size)
+        self.batch_input_tokens.set(input_tokens)
+        self.batch_max_remaining_tokens.set(remaining)
+        self.queue_size.set(queue_size)

@@ -1,0 +1,154 @@
+"""The gateway's connection to the scheduler: submit and cancel requests, route tokens back.
+
+One reader task receives every scheduler message and routes token outputs to
+their `Generation` by request id, then hands the resulting ids to the
+tokenizer pool in one batch per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+import zmq
+import zmq.asyncio
+
+from services.common.codec import ProtocolError
+from services.common.protocol import (
+    Cancel,
+    GatewayHello,
+    GenerateRequest,
+    Ping,
+    Pong,
+    RequestFailed,
+    SchedulerInfo,
+    StepStats,
+    StopReason,
+    Submit,
+    TokenBatch,
+)
+from services.common.zmq_io import async_recv, make_socket, send_to_nowait
+from services.gateway.generation import Generation
+from services.gateway.tokenizer_pool import TokenizerPool
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerClient:
+    """DEALER connection to the scheduler plus the table of in-flight generations."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, gateway_id: str, pool: TokenizerPool) -> None:
+        self.sock = make_socket(ctx, zmq.DEALER, connect=endpoint)
+        self.endpoint = endpoint
+        self.gateway_id = gateway_id
+        self.pool = pool
+        self.info: SchedulerInfo | None = None
+        self.ready = asyncio.Event()
+        self.generations: dict[str, Generation] = {}
+        self.on_step: Callable[[StepStats], None] = lambda stats: None
+        self.on_finished: Callable[[Generation], None] = lambda generation: None
+        self._pings: dict[int, asyncio.Future] = {}
+        self._nonces = itertools.count(1)
+
+    def _send(self, message: object) -> None:
+        send_to_nowait(self.sock, None, message, "scheduler")
+
+    def submit(self, generations: list[Generation], requests: list[GenerateRequest]) -> None:
+        for generation in generations:
+            self.generations[generation.request_id] = generation
+        self._send(Submit(requests))
+
+    def cancel(self, request_ids: list[str]) -> None:
+        """Stop requests the client no longer waits for (or that a stop sequence ended)."""
+        for request_id in request_ids:
+            self.generations.pop(request_id, None)
+            self.pool.close(request_id)
+        if request_ids:
+            self._send(Cancel(request_ids))
+
+    async def ping(self, timeout: float = 5.0) -> Pong:
+        nonce = next(self._nonces)
+        future = asyncio.get_running_loop().create_future()
+        self._pings[nonce] = future
+        self._send(Ping(nonce))
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._pings.pop(nonce, None)
+
+    async def run(self) -> None:
+        """Say hello (again every second until the model info arrives), then route messages forever."""
+        hello = asyncio.get_running_loop().create_task(self._hello_until_ready())
+        try:
+            while True:
+                try:
+                    message = await async_recv(self.sock)
+                except ProtocolError as exc:
+                    log.warning("dropping bad message from the scheduler: %s", exc)
+                    continue
+                self._dispatch(message)
+        finally:
+            hello.cancel()
+
+    async def _hello_until_ready(self) -> None:
+        while not self.ready.is_set():
+            self._send(GatewayHello(self.gateway_id))
+            try:
+                await asyncio.wait_for(self.ready.wait(), 1.0)
+            except TimeoutError:
+                continue
+
+    def _dispatch(self, message: object) -> None:
+        if isinstance(message, TokenBatch):
+            self._on_tokens(message)
+        elif isinstance(message, SchedulerInfo):
+            if self.info is None:
+                log.info("scheduler ready: model %s, max_sequence_length=%d, max_new_tokens=%d",
+                         message.model.model_name, message.model.max_sequence_length, message.model.max_new_tokens)
+            self.info = message
+            self.ready.set()
+        elif isinstance(message, RequestFailed):
+            for request_id in message.request_ids:
+                generation = self.generations.pop(request_id, None)
+                if generation is not None:
+                    generation.fail(message.message)
+                    self.pool.close(request_id)
+        elif isinstance(message, Pong):
+            future = self._pings.get(message.nonce)
+            if future is not None and not future.done():
+                future.set_result(message)
+
+    def _on_tokens(self, batch: TokenBatch) -> None:
+        if batch.stats is not None:
+            self.on_step(batch.stats)
+        items = []
+        for output in batch.outputs:
+            generation = self.generations.get(output.request_id)
+            if generation is None:
+                continue
+            if not output.tokens and output.stop_reason != StopReason.NOT_FINISHED:
+                generation.queue_duration = output.queue_duration
+                generation.finish_without_tokens(StopReason(output.stop_reason))
+                self.finish(generation)
+                continue
+            item = generation.on_tokens(output)
+            if item is not None:
+                items.append(item)
+        if items:
+            self.pool.feed(items)
+
+    def finish(self, generation: Generation) -> None:
+        """A generation delivered its final event: forget it everywhere."""
+        self.generations.pop(generation.request_id, None)
+        self.pool.close(generation.request_id)
+        self.on_finished(generation)
+
+
+def make_gateway_id() -> str:
+    import os
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"

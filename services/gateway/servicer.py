@@ -1,0 +1,324 @@
+"""The fmaas GenerationService: Generate, GenerateStream, Tokenize and ModelInfo, with TGIS semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+
+from services.common.protocol import DetokParams, GenerateRequest, StopReason
+from services.gateway.generation import FailedEvent, Generation, InputTokensEvent, TokenEvent
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.pb import generation_pb2 as pb
+from services.gateway.pb import generation_pb2_grpc
+from services.gateway.scheduler_client import SchedulerClient
+from services.gateway.tokenizer_pool import TokenizerFailed, TokenizerPool, TokenizerUnavailable
+from services.gateway.validation import (
+    Limits,
+    ValidatedInput,
+    ValidatedParams,
+    ValidationError,
+    check_input,
+    convert_and_validate,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ConcurrencyLimiter:
+    """TGIS's permits: one per input, taken without waiting."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_use = 0
+
+    def try_acquire(self, n: int) -> bool:
+        if self.in_use + n > self.capacity:
+            return False
+        self.in_use += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.in_use -= n
+
+
+class GenerationFailed(Exception):
+    """Generation of an input failed after it was accepted."""
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    """Validates calls, sends inputs down the pipeline and assembles TGIS responses."""
+
+    def __init__(self, scheduler: SchedulerClient, pool: TokenizerPool, metrics: GatewayMetrics, *,
+                 max_concurrent_requests: int, default_include_stop_seqs: bool, output_special_tokens: bool) -> None:
+        self.scheduler = scheduler
+        self.pool = pool
+        self.metrics = metrics
+        self.limiter = ConcurrencyLimiter(max_concurrent_requests)
+        self.default_include_stop_seqs = default_include_stop_seqs
+        self.output_special_tokens = output_special_tokens
+        self.draining = False
+        self._ids = itertools.count()
+        # Told of every generation's outcome (the health checker listens).
+        self.on_generation_result: Callable[[bool], None] = lambda ok: None
+
+    @property
+    def model(self):
+        assert self.scheduler.info is not None
+        return self.scheduler.info.model
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.model.max_sequence_length, self.model.max_new_tokens, self.default_include_stop_seqs)
+
+    # ------------------------------------------------------------------ shared steps
+
+    async def _refuse_if_draining(self, context: grpc.aio.ServicerContext) -> None:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "Server is shutting down")
+
+    async def _validate(self, texts: list[str], params_pb, prefix_id: str | None, received_at: float,
+                        context) -> tuple[ValidatedParams, list[ValidatedInput]]:
+        started = time.monotonic()
+        try:
+            params = convert_and_validate(params_pb, self.limits, received_at)
+            if prefix_id:
+                # No prompt-prefix store is configured, so no prefix id can be found.
+                self.metrics.prompt_load_failure.inc()
+                raise ValidationError(
+                    f"can't retrieve prompt prefix with id '{prefix_id}': prefix id \"{prefix_id}\" not found")
+            try:
+                encoded = await self.pool.tokenize(texts)
+            except TokenizerFailed as exc:
+                raise ValidationError(f"tokenizer error {exc}") from exc
+            inputs = []
+            for tokenized in encoded:
+                self.metrics.raw_input_length.observe(len(tokenized.ids))
+                inputs.append(check_input(tokenized.ids, params, self.limits))
+        except ValidationError as exc:
+            self.metrics.request_failure.labels("validation").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except TokenizerUnavailable as exc:
+            self.metrics.request_failure.labels("unknown").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        for validated in inputs:
+            self.metrics.input_length.observe(validated.input_length)
+            self.metrics.max_new_tokens.observe(params.max_new_tokens)
+        self.metrics.validation_duration.observe(time.monotonic() - started)
+        return params, inputs
+
+    async def _start(self, params: ValidatedParams, inputs: list[ValidatedInput], received_at: float,
+                     stream: bool) -> list[Generation]:
+        """Open a detokenizer for each input and queue them all as one submission."""
+        generations, requests = [], []
+        for validated in inputs:
+            request_id = f"{self.scheduler.gateway_id}-{next(self._ids)}"
+            logits = _with_seed(params, validated.seed)
+            generation = Generation(request_id, params, validated)
+            detok = DetokParams(
+                params.stop_sequences, params.include_stop_sequence, not self.output_special_tokens,
+                self.model.eos_token_id, params.min_new_tokens, stream,
+            )
+            await self.pool.open_session(request_id, detok, self._delta_handler(generation))
+            generations.append(generation)
+            requests.append(GenerateRequest(request_id, validated.input_ids, logits, validated.stop, received_at))
+        self.scheduler.submit(generations, requests)
+        return generations
+
+    def _delta_handler(self, generation: Generation):
+        def on_delta(delta) -> None:
+            generation.on_delta(delta)
+            if generation.finished:
+                if delta.stop_reason == StopReason.STOP_SEQUENCE:
+                    self.scheduler.cancel([generation.request_id])
+                self.scheduler.finish(generation)
+        return on_delta
+
+    def _abandon(self, generations: list[Generation]) -> None:
+        unfinished = [g.request_id for g in generations if not g.finished]
+        if unfinished:
+            self.metrics.request_failure.labels("cancelled").inc(len(unfinished))
+            self.scheduler.cancel(unfinished)
+
+    def _record_success(self, generation: Generation, event: TokenEvent, kind: str, received_at: float) -> None:
+        m = self.metrics
+        m.request_success.labels(str(event.stop_reason), kind).inc()
+        now = time.monotonic()
+        m.request_duration.observe(now - generation.received_at)
+        m.queue_duration.observe(generation.queue_duration)
+        m.generated_tokens.observe(event.count)
+        m.total_tokens.observe(event.count + generation.input.input_length)
+        if generation.first_token_at is not None:
+            inference = now - generation.first_token_at + 0.0
+            m.inference_duration.observe(inference)
+            if event.count:
+                m.mean_time_per_token.observe(inference / event.count)
+            m.time_to_first_token.observe(generation.first_token_at - generation.received_at)
+        for gap in generation.inter_token:
+            m.inter_token_latency.observe(gap)
+
+    # ------------------------------------------------------------------ RPCs
+
+    async def Generate(self, request: pb.BatchedGenerationRequest, context) -> pb.BatchedGenerationResponse:
+        received_at = time.time()
+        n = len(request.requests)
+        self.metrics.request_count.labels("single" if n == 1 else "batch").inc()
+        if n == 0:
+            return pb.BatchedGenerationResponse()
+        await self._refuse_if_draining(context)
+        self.metrics.request_input_count.inc(n)
+        if not self.limiter.try_acquire(n):
+            self.metrics.request_failure.labels("conc_limit").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "Model is overloaded")
+        try:
+            return await self.generate_unlimited(request, context, received_at)
+        finally:
+            self.limiter.release(n)
+
+    async def generate_unlimited(self, request: pb.BatchedGenerationRequest, context,
+                                 received_at: float | None = None) -> pb.BatchedGenerationResponse:
+        """Generate without taking permits (the health probe's path; Generate takes them first)."""
+        received_at = time.time() if received_at is None else received_at
+        kind = "single" if len(request.requests) == 1 else "batch"
+        generations: list[Generation] = []
+        try:
+            prefix_id = request.prefix_id if request.HasField("prefix_id") else None
+            params, inputs = await self._validate([r.text for r in request.requests], request.params, prefix_id,
+                                                  received_at, context)
+            generations = await self._start(params, inputs, received_at, stream=False)
+            try:
+                results = await asyncio.gather(*(self._collect(g, kind, received_at) for g in generations))
+            except GenerationFailed as exc:
+                self.metrics.request_failure.labels("generate").inc()
+                self.on_generation_result(False)
+                await context.abort(grpc.StatusCode.UNKNOWN, f"Request failed during generation: {exc}")
+            self.on_generation_result(True)
+            responses = [
+                self._unary_response(g, text, r.text, final, tokens, input_tokens)
+                for g, r, (text, final, tokens, input_tokens) in zip(generations, request.requests, results, strict=True)
+            ]
+            return pb.BatchedGenerationResponse(responses=responses)
+        finally:
+            self._abandon(generations)
+
+    async def _collect(self, generation: Generation, kind: str, received_at: float):
+        texts, tokens, input_tokens = [], [], []
+        while True:
+            event = await generation.events.get()
+            if isinstance(event, FailedEvent):
+                raise GenerationFailed(event.message)
+            if isinstance(event, InputTokensEvent):
+                input_tokens = event.tokens
+                continue
+            texts.append(event.text)
+            if event.token is not None:
+                tokens.append(event.token)
+            if event.stop_reason != StopReason.NOT_FINISHED:
+                self._record_success(generation, event, kind, received_at)
+                return "".join(texts), event, tokens, input_tokens
+
+    def _unary_response(self, generation: Generation, text: str, input_text: str, final: TokenEvent,
+                        tokens, input_tokens) -> pb.GenerationResponse:
+        params = generation.params
+        # A request that timed out in the queue answers with empty text even when input_text was asked for.
+        if params.input_text and final.count > 0:
+            text = input_text + text
+        return pb.GenerationResponse(
+            input_token_count=generation.input.input_length, generated_token_count=final.count, text=text,
+            stop_reason=int(final.stop_reason), stop_sequence=final.stop_sequence, seed=generation.input.seed,
+            tokens=tokens, input_tokens=input_tokens,
+        )
+
+    async def GenerateStream(self, request: pb.SingleGenerationRequest, context):
+        received_at = time.time()
+        self.metrics.request_count.labels("stream").inc()
+        await self._refuse_if_draining(context)
+        self.metrics.request_input_count.inc()
+        if not self.limiter.try_acquire(1):
+            self.metrics.request_failure.labels("conc_limit").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "Model is overloaded")
+        generations: list[Generation] = []
+        try:
+            if not request.HasField("request"):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "missing request")
+            prefix_id = request.prefix_id if request.HasField("prefix_id") else None
+            params, inputs = await self._validate([request.request.text], request.params, prefix_id, received_at,
+                                                  context)
+            first = pb.GenerationResponse(input_token_count=inputs[0].input_length, seed=inputs[0].seed)
+            if params.input_text:
+                first.text = request.request.text
+            yield first
+            generations = await self._start(params, inputs, received_at, stream=True)
+            generation = generations[0]
+            while True:
+                event = await generation.events.get()
+                if isinstance(event, FailedEvent):
+                    self.metrics.request_failure.labels("generate").inc()
+                    self.on_generation_result(False)
+                    await context.abort(grpc.StatusCode.UNKNOWN, f"Request failed during generation: {event.message}")
+                if isinstance(event, InputTokensEvent):
+                    yield pb.GenerationResponse(input_token_count=len(event.tokens), input_tokens=event.tokens)
+                    continue
+                final = event.stop_reason != StopReason.NOT_FINISHED
+                if not final and not event.text and event.token is None:
+                    continue  # TGIS sends no message that carries nothing
+                message = pb.GenerationResponse(generated_token_count=event.count, text=event.text)
+                if event.token is not None:
+                    message.tokens.append(event.token)
+                if final:
+                    self.on_generation_result(True)
+                    message.stop_reason = int(event.stop_reason)
+                    message.stop_sequence = event.stop_sequence
+                    message.seed = generation.input.seed
+                    self._record_success(generation, event, "stream", received_at)
+                yield message
+                if final:
+                    return
+        finally:
+            self._abandon(generations)
+            self.limiter.release(1)
+
+    async def Tokenize(self, request: pb.BatchedTokenizeRequest, context) -> pb.BatchedTokenizeResponse:
+        started = time.monotonic()
+        self.metrics.tokenize_request_count.inc()
+        self.metrics.tokenize_request_input_count.inc(len(request.requests))
+        if not request.requests:
+            return pb.BatchedTokenizeResponse()
+        try:
+            encoded = await self.pool.tokenize([r.text for r in request.requests], request.return_tokens,
+                                               request.return_offsets)
+        except TokenizerFailed as exc:
+            await context.abort(grpc.StatusCode.UNKNOWN, f"tokenizer error {exc}")
+        except TokenizerUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        truncate = request.truncate_input_tokens
+        responses, total = [], 0
+        for tokenized in encoded:
+            keep = min(len(tokenized.ids), truncate) if truncate > 0 else len(tokenized.ids)
+            response = pb.TokenizeResponse(token_count=keep)
+            if request.return_tokens:
+                response.tokens.extend(tokenized.tokens[len(tokenized.tokens) - keep:])
+            if request.return_offsets:
+                for start, end in tokenized.offsets[len(tokenized.offsets) - keep:]:
+                    response.offsets.add(start=start, end=end)
+            total += keep
+            responses.append(response)
+        self.metrics.tokenize_tokens.observe(total)
+        self.metrics.tokenize_duration.observe(time.monotonic() - started)
+        return pb.BatchedTokenizeResponse(responses=responses)
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:
+        model = self.model
+        kind = pb.ModelInfoResponse.ENCODER_DECODER if model.encoder_decoder else pb.ModelInfoResponse.DECODER_ONLY
+        return pb.ModelInfoResponse(model_kind=kind, max_sequence_length=model.max_sequence_length,
+                                    max_new_tokens=model.max_new_tokens)
+
+
+def _with_seed(params: ValidatedParams, seed: int):
+    from dataclasses import replace
+
+    return replace(params.logits, seed=seed)

@@ -1,0 +1,260 @@
+"""`text-generation-launcher`: start and supervise the whole pipeline on one machine.
+
+Takes TGIS's launcher flags and env vars, starts 1 scheduler, the worker
+ranks, the tokenizer pool and 1 gateway, wired over ipc sockets in a private
+folder.  A dying tokenizer is replaced (the gateway moves its work to the
+others); any other child dying stops everything with a non-zero exit naming
+it.  SIGTERM/SIGINT stop the gateway first (it drains), then the rest; exit 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.config import knob, parse_config
+from services.common.logs import setup_logging
+from services.worker.config import DEMO_MODEL
+
+log = logging.getLogger("launcher")
+
+# TGIS launcher knobs that this pipeline accepts but does not act on (yet).
+ACCEPTED_NOT_USED = ("quantize", "max_prefill_padding", "batch_safety_margin", "shard_uds_path",
+                     "otlp_endpoint", "otlp_service_name", "cuda_process_memory_fraction")
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    model_name: str = knob(DEMO_MODEL, "MODEL_NAME", "hub model id (in the local HF cache) or a local folder")
+    revision: str | None = knob(None, "REVISION", "model revision")
+    deployment_framework: str = knob("hf_transformers", "DEPLOYMENT_FRAMEWORK", "TGIS engine name (this pipeline has one engine)")
+    dtype: str | None = knob(None, "DTYPE", "weights dtype")
+    dtype_str: str | None = knob(None, "DTYPE_STR", "weights dtype (TGIS's other name for --dtype)")
+    quantize: str | None = knob(None, "QUANTIZE", "quantization (not supported yet)")
+    num_shard: int | None = knob(None, "NUM_SHARD", "worker ranks (tensor parallel degree)")
+    max_concurrent_requests: int = knob(512, "MAX_CONCURRENT_REQUESTS", "inputs in flight before 'Model is overloaded'")
+    max_sequence_length: int | None = knob(None, "MAX_SEQUENCE_LENGTH", "max input + output tokens (default: model config, else 2048)")
+    max_new_tokens: int = knob(1024, "MAX_NEW_TOKENS", "max generated tokens per request")
+    max_batch_size: int = knob(12, "MAX_BATCH_SIZE", "max sequences in the running batch")
+    max_prefill_padding: float = knob(0.2, "MAX_PREFILL_PADDING", "TGIS padding limit (batches here are unpadded)")
+    batch_safety_margin: int = knob(20, "BATCH_SAFETY_MARGIN", "TGIS memory margin, percent")
+    max_waiting_tokens: int = knob(24, "MAX_WAITING_TOKENS", "decode steps before waiting requests join anyway")
+    port: int = knob(3000, "PORT", "HTTP /health and /metrics port", short="-p")
+    grpc_port: int = knob(8033, "GRPC_PORT", "gRPC port", short="-g")
+    shard_uds_path: str = knob("/tmp/text-generation-server", "SHARD_UDS_PATH", "TGIS shard socket path (sockets live in --ipc-dir here)")
+    master_addr: str = knob("localhost", "MASTER_ADDR", "torch.distributed rendezvous host")
+    master_port: int = knob(29500, "MASTER_PORT", "torch.distributed rendezvous port")
+    json_output: bool = knob(False, "JSON_OUTPUT", "log JSON lines")
+    tls_cert_path: str | None = knob(None, "TLS_CERT_PATH", "gRPC TLS certificate")
+    tls_key_path: str | None = knob(None, "TLS_KEY_PATH", "gRPC TLS key")
+    tls_client_ca_cert_path: str | None = knob(None, "TLS_CLIENT_CA_CERT_PATH", "CA for client certificates (mTLS)")
+    output_special_tokens: bool = knob(False, "OUTPUT_SPECIAL_TOKENS", "keep special tokens in generated text")
+    cuda_process_memory_fraction: float = knob(1.0, "CUDA_PROCESS_MEMORY_FRACTION", "share of GPU memory to use", short="-c")
+    default_include_stop_seqs: bool = knob(True, "DEFAULT_INCLUDE_STOP_SEQS", "include matched stop sequences by default")
+    otlp_endpoint: str | None = knob(None, "OTLP_ENDPOINT", "OpenTelemetry endpoint (not supported yet)")
+    otlp_service_name: str | None = knob(None, "OTLP_SERVICE_NAME", "OpenTelemetry service name")
+    num_tokenizers: int = knob(2, "NUM_TOKENIZERS", "tokenizer processes in the pool")
+    ipc_dir: str | None = knob(None, "IPC_DIR", "folder for the pipeline's ipc sockets (default: a new temp folder)")
+    drain_grace_period: float = knob(30.0, "DRAIN_GRACE_PERIOD_S", "on SIGTERM, seconds in-flight requests get")
+
+
+def resolve_num_shard(config: LauncherConfig, environ: dict[str, str]) -> int:
+    """TGIS's shard count rules: NUM_GPUS vs --num-shard, else visible devices, else 1."""
+    num_gpus = environ.get("NUM_GPUS")
+    if num_gpus is not None:
+        try:
+            num_gpus_value = int(num_gpus)
+        except ValueError:
+            raise SystemExit("NUM_GPUS must be a positive integer") from None
+        if config.num_shard is not None and config.num_shard != num_gpus_value:
+            raise SystemExit(f"NUM_GPUS and num_shard are set to different values ({num_gpus_value} and {config.num_shard})")
+        shards = num_gpus_value
+    elif config.num_shard is not None:
+        shards = config.num_shard
+    else:
+        devices = environ.get("CUDA_VISIBLE_DEVICES") or environ.get("NVIDIA_VISIBLE_DEVICES") or ""
+        shards = len([d for d in devices.split(",") if d.strip()]) or 1
+    if shards < 1:
+        raise SystemExit("num_shard must be at least 1")
+    return shards
+
+
+def check_config(config: LauncherConfig) -> None:
+    """Refuse contradictory settings at start-up, with TGIS's messages; warn about unused ones."""
+    if config.dtype and config.dtype_str and config.dtype != config.dtype_str:
+        raise SystemExit("dtype and dtype_str args both provided with different values")
+    if not 0 < config.cuda_process_memory_fraction <= 1:
+        raise SystemExit("cuda_process_memory_fraction must be in range 0 < x <= 1")
+    if config.max_concurrent_requests <= 0:
+        raise SystemExit("max_concurrent_requests must be > 0")
+    if config.num_tokenizers <= 0:
+        raise SystemExit("num_tokenizers must be > 0")
+    defaults = {f.name: f.default for f in dataclasses.fields(LauncherConfig)}
+    for name in ACCEPTED_NOT_USED:
+        if getattr(config, name) != defaults[name]:
+            log.warning("--%s is set to %s but this pipeline does not use it yet; ignoring it",
+                        name.replace("_", "-"), getattr(config, name))
+    if config.deployment_framework not in ("hf_transformers", "hf_accelerate", "tgis_native", "hf_custom_tp"):
+        log.warning("deployment framework %s is not available; using this pipeline's own engine",
+                    config.deployment_framework)
+    for name in ("MAX_BATCH_WEIGHT", "MAX_PREFILL_WEIGHT"):
+        if os.environ.get(name):
+            log.warning("%s is set to %s but this parameter will be ignored.", name, os.environ[name])
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+    restarts: int = field(default=0)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.argv, env=self.env)
+        log.info("started %s (pid %d)", self.name, self.process.pid)
+
+
+class Launcher:
+    """Starts the children, watches them, and stops them in order."""
+
+    def __init__(self, config: LauncherConfig, environ: dict[str, str]) -> None:
+        self.config = config
+        self.num_shard = resolve_num_shard(config, environ)
+        self.ipc_dir = Path(config.ipc_dir or tempfile.mkdtemp(prefix="tgis-pipeline-"))
+        self.ipc_dir.mkdir(parents=True, exist_ok=True)
+        self.env = self._child_env(environ)
+        self.children: list[Child] = []
+        self.stopping = False
+        self._tokenizer_ids = 0
+
+    def _endpoint(self, name: str) -> str:
+        return f"ipc://{self.ipc_dir / name}.sock"
+
+    def _child_env(self, environ: dict[str, str]) -> dict[str, str]:
+        c = self.config
+        env = dict(environ)
+        settings = {
+            "MODEL_NAME": c.model_name, "REVISION": c.revision, "DTYPE_STR": c.dtype_str or c.dtype,
+            "MAX_SEQUENCE_LENGTH": c.max_sequence_length, "MAX_NEW_TOKENS": c.max_new_tokens,
+            "MAX_BATCH_SIZE": c.max_batch_size, "MAX_WAITING_TOKENS": c.max_waiting_tokens,
+            "MAX_CONCURRENT_REQUESTS": c.max_concurrent_requests, "PORT": c.port, "GRPC_PORT": c.grpc_port,
+            "TLS_CERT_PATH": c.tls_cert_path, "TLS_KEY_PATH": c.tls_key_path,
+            "TLS_CLIENT_CA_CERT_PATH": c.tls_client_ca_cert_path,
+            "OUTPUT_SPECIAL_TOKENS": c.output_special_tokens, "DEFAULT_INCLUDE_STOP_SEQS": c.default_include_stop_seqs,
+            "JSON_OUTPUT": c.json_output, "NUM_SHARD": self.num_shard, "WORLD_SIZE": self.num_shard,
+            "MASTER_ADDR": c.master_addr, "MASTER_PORT": c.master_port,
+            "DRAIN_GRACE_PERIOD_S": c.drain_grace_period,
+            "SCHEDULER_ENDPOINT": self._endpoint("scheduler"), "TOKENIZER_ENDPOINT": self._endpoint("tokenizers"),
+            "WORKER_STEP_ENDPOINT": self._endpoint("steps"), "WORKER_RESULT_ENDPOINT": self._endpoint("results"),
+            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+        }
+        for key, value in settings.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
+    def _module(self, module: str) -> list[str]:
+        return [sys.executable, "-m", module]
+
+    def _tokenizer(self) -> Child:
+        self._tokenizer_ids += 1
+        name = f"tokenizer-{self._tokenizer_ids}"
+        return Child(name, self._module("services.tokenizer.main"), {**self.env, "TOKENIZER_NAME": name})
+
+    def start(self) -> None:
+        self.children.append(Child("scheduler", self._module("services.scheduler.main"), self.env))
+        for rank in range(self.num_shard):
+            env = {**self.env, "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(self.num_shard)}
+            self.children.append(Child(f"worker-{rank}", self._module("services.worker.main"), env))
+        self.children.extend(self._tokenizer() for _ in range(self.config.num_tokenizers))
+        self.children.append(Child("gateway", self._module("services.gateway.main"), self.env))
+        for child in self.children:
+            child.start()
+
+    def watch(self) -> int:
+        """Supervise until a stop signal (exit 0) or a non-tokenizer child dies (exit 1)."""
+        while not self.stopping:
+            time.sleep(0.2)
+            for child in list(self.children):
+                code = child.process.poll()
+                if code is None or self.stopping:
+                    continue
+                if child.name.startswith("tokenizer-"):
+                    log.error("%s exited with code %d; starting a replacement (the gateway moves its work)",
+                              child.name, code)
+                    self.children.remove(child)
+                    replacement = self._tokenizer()
+                    replacement.start()
+                    self.children.append(replacement)
+                    continue
+                log.error("%s exited unexpectedly with code %d; stopping the pipeline", child.name, code)
+                self.stop()
+                return 1
+        self.stop()
+        return 0
+
+    def stop(self) -> None:
+        """Gateway first (it drains), then the rest; kill whatever is left after the grace period."""
+        self.stopping = True
+        order = sorted(self.children, key=lambda c: c.name != "gateway")
+        gateway_grace = self.config.drain_grace_period + 5
+        for child in order:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+            if child.name == "gateway":
+                self._wait(child, gateway_grace)
+        for child in order:
+            self._wait(child, 8)
+
+    @staticmethod
+    def _wait(child: Child, timeout: float) -> None:
+        try:
+            child.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s; killing it", child.name, timeout)
+            child.process.kill()
+            child.process.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging("launcher")
+    config = parse_config(LauncherConfig, argv, "Start the whole TGIS-compatible pipeline on this machine.")
+    check_config(config)
+    from services.worker.weights import ModelNotFoundError, resolve_model_path
+
+    try:
+        model_path = resolve_model_path(config.model_name, config.revision)
+    except ModelNotFoundError as exc:
+        log.error("%s (run `text-generation-server install-demo-model` for the demo model, or "
+                  "`text-generation-server download-weights %s`)", exc, config.model_name)
+        return 1
+    launcher = Launcher(config, dict(os.environ))
+    log.info("model %s at %s; %d worker rank(s), %d tokenizer(s); sockets in %s", config.model_name, model_path,
+             launcher.num_shard, config.num_tokenizers, launcher.ipc_dir)
+
+    def request_stop(signum, _frame) -> None:
+        if not launcher.stopping:
+            log.info("received signal %d: stopping the pipeline", signum)
+        launcher.stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    launcher.start()
+    code = launcher.watch()
+    log.info("pipeline stopped (exit %d)", code)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

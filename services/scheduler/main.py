@@ -1,0 +1,252 @@
+"""The scheduler process: gateways in, steps out to the worker ranks, tokens back to gateways.
+
+Loop (one thread, one poller):
+  1. receive gateway messages (hello, submit, cancel, ping) and worker messages
+     (hello, ready, step results, failures, heartbeats);
+  2. end queued requests whose deadline passed;
+  3. declare ranks lost when their heartbeats stop, failing the running batch;
+  4. when no step is in flight and the workers are ready, publish the next Step.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import zmq
+
+from services.common.codec import ProtocolError
+from services.common.config import parse_config
+from services.common.logs import setup_logging
+from services.common.protocol import (
+    Cancel,
+    GatewayHello,
+    Heartbeat,
+    ModelInfo,
+    Ping,
+    Pong,
+    RequestFailed,
+    SchedulerInfo,
+    Shutdown,
+    Step,
+    StepFailed,
+    StepResult,
+    Submit,
+    TokenBatch,
+    TokenOutput,
+    Welcome,
+    WorkerHello,
+    WorkerReady,
+)
+from services.common.zmq_io import make_socket, recv_from, send, send_to
+from services.scheduler.batcher import Batcher, Sequence
+from services.scheduler.config import SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerProcess:
+    """Owns the sockets and the worker group's state; the batching decisions live in `Batcher`."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.ctx = zmq.Context()
+        self.gateways = make_socket(self.ctx, zmq.ROUTER, bind=config.gateway_endpoint)
+        self.steps_out = make_socket(self.ctx, zmq.PUB, bind=config.step_endpoint)
+        self.workers_in = make_socket(self.ctx, zmq.ROUTER, bind=config.result_endpoint)
+        self.poller = zmq.Poller()
+        self.poller.register(self.gateways, zmq.POLLIN)
+        self.poller.register(self.workers_in, zmq.POLLIN)
+        self.known_gateways: set[bytes] = set()
+        self.model: ModelInfo | None = None
+        self.ready_ranks: dict[int, ModelInfo] = {}
+        self.last_seen: dict[int, float] = {}
+        self.batcher: Batcher | None = None
+        self.in_flight: tuple[Step, float] | None = None
+        self.stopping = False
+
+    # ------------------------------------------------------------------ worker group
+
+    @property
+    def workers_ready(self) -> bool:
+        return self.model is not None and len(self.ready_ranks) == self.config.num_shard
+
+    def _on_worker(self, message: object) -> None:
+        if isinstance(message, Heartbeat):
+            rank = int(message.sender.rsplit("-", 1)[-1])
+            self.last_seen[rank] = time.monotonic()
+        elif isinstance(message, WorkerHello):
+            log.info("worker rank %d/%d connected", message.rank, message.world_size)
+            self.last_seen[message.rank] = time.monotonic()
+            send(self.steps_out, Welcome(message.rank))
+        elif isinstance(message, WorkerReady):
+            self._on_worker_ready(message)
+        elif isinstance(message, StepResult):
+            self._on_step_result(message)
+        elif isinstance(message, StepFailed):
+            self._on_step_failed(message)
+
+    def _on_worker_ready(self, message: WorkerReady) -> None:
+        self.last_seen[message.rank] = time.monotonic()
+        self.ready_ranks[message.rank] = message.model
+        log.info("worker rank %d ready (%d/%d): %s", message.rank, len(self.ready_ranks), self.config.num_shard,
+                 message.model.model_name)
+        if len(self.ready_ranks) < self.config.num_shard:
+            return
+        self.model = self.ready_ranks[0]
+        batch_size = min(self.config.max_batch_size, self.model.max_batch_size)
+        if self.batcher is None:
+            self.batcher = Batcher(batch_size, self.config.max_waiting_tokens, self.model.eos_token_id)
+        log.info("all %d worker rank(s) ready; serving with max_batch_size=%d", self.config.num_shard, batch_size)
+        for gateway in self.known_gateways:
+            self._send_gateway(gateway, self._info())
+
+    def _check_worker_liveness(self) -> None:
+        now = time.monotonic()
+        lost = [r for r, seen in self.last_seen.items() if now - seen > self.config.worker_timeout]
+        for rank in lost:
+            log.error("worker rank %d sent no heartbeat for %.0f s: declaring it lost", rank, self.config.worker_timeout)
+            del self.last_seen[rank]
+            self.ready_ranks.pop(rank, None)
+        if lost and self.batcher is not None:
+            self._fail_running(f"worker rank {lost[0]} stopped responding")
+
+    def _fail_running(self, message: str) -> None:
+        assert self.batcher is not None
+        self.in_flight = None
+        failed = self.batcher.fail_step()
+        by_gateway: dict[bytes, list[str]] = {}
+        for sequence in failed:
+            by_gateway.setdefault(sequence.gateway, []).append(sequence.request_id)
+        for gateway, ids in by_gateway.items():
+            self._send_gateway(gateway, RequestFailed(ids, message))
+        if failed:
+            log.error("failed %d running request(s): %s", len(failed), message)
+
+    def _on_step_result(self, result: StepResult) -> None:
+        if self.in_flight is None or result.step_id != self.in_flight[0].step_id:
+            log.warning("ignoring result of step %d (not in flight)", result.step_id)
+            return
+        step, started = self.in_flight
+        self.in_flight = None
+        duration = time.monotonic() - started
+        assert self.batcher is not None
+        stats = self.batcher.stats(duration, result.forward_ns / 1e9)
+        forwarded = self.batcher.complete_step(result.outputs, prefill_seconds=duration if step.add else None)
+        self._forward(forwarded, self.batcher.fill_gauges(stats))
+
+    def _on_step_failed(self, failure: StepFailed) -> None:
+        if self.in_flight is None or failure.step_id != self.in_flight[0].step_id:
+            return
+        reason = "GPU out of memory" if failure.out_of_memory else failure.message
+        log.error("step %d failed on rank %d: %s", failure.step_id, failure.rank, failure.message)
+        self._fail_running(reason)
+
+    # ------------------------------------------------------------------ gateways
+
+    def _info(self) -> SchedulerInfo:
+        assert self.model is not None
+        return SchedulerInfo(self.model, self.config.max_waiting_tokens)
+
+    def _send_gateway(self, gateway: bytes, message: object) -> None:
+        try:
+            send_to(self.gateways, gateway, message)
+        except zmq.ZMQError as exc:
+            log.warning("gateway %r unreachable (%s): dropping its requests", gateway, exc)
+            self.known_gateways.discard(gateway)
+            if self.batcher is not None:
+                self.batcher.drop_gateway(gateway)
+
+    def _on_gateway(self, gateway: bytes, message: object) -> None:
+        if isinstance(message, GatewayHello):
+            log.info("gateway %s connected", message.gateway_id)
+            self.known_gateways.add(gateway)
+            if self.workers_ready:
+                self._send_gateway(gateway, self._info())
+        elif isinstance(message, Submit):
+            self.known_gateways.add(gateway)
+            if self.batcher is None:
+                self._send_gateway(gateway, RequestFailed([r.request_id for r in message.requests], "model not loaded"))
+            else:
+                self.batcher.submit(gateway, message.requests)
+        elif isinstance(message, Cancel):
+            if self.batcher is not None:
+                self.batcher.cancel(message.request_ids)
+        elif isinstance(message, Ping):
+            batcher = self.batcher
+            self._send_gateway(gateway, Pong(
+                message.nonce, self.workers_ready,
+                len(batcher.waiting) if batcher else 0, len(batcher.running) if batcher else 0,
+            ))
+
+    def _forward(self, forwarded: list[tuple[Sequence, TokenOutput]], stats=None) -> None:
+        by_gateway: dict[bytes, list[TokenOutput]] = {}
+        for sequence, output in forwarded:
+            by_gateway.setdefault(sequence.gateway, []).append(output)
+        if stats is not None and not by_gateway and self.known_gateways:
+            by_gateway[next(iter(self.known_gateways))] = []
+        # Step stats go to one gateway so that a step is counted once across gateways.
+        for i, (gateway, outputs) in enumerate(by_gateway.items()):
+            self._send_gateway(gateway, TokenBatch(outputs, stats if i == 0 else None))
+
+    # ------------------------------------------------------------------ loop
+
+    def _receive(self, timeout_ms: int) -> None:
+        for sock, _ in self.poller.poll(timeout_ms):
+            while True:
+                try:
+                    peer, message = recv_from(sock) if sock.poll(0) else (None, None)
+                except ProtocolError as exc:
+                    log.warning("dropping bad message: %s", exc)
+                    continue
+                if peer is None:
+                    break
+                if sock is self.gateways:
+                    self._on_gateway(peer, message)
+                else:
+                    self._on_worker(message)
+
+    def run(self) -> None:
+        log.info("scheduler up: gateways on %s, steps on %s, results on %s; waiting for %d worker rank(s)",
+                 self.config.gateway_endpoint, self.config.step_endpoint, self.config.result_endpoint,
+                 self.config.num_shard)
+        while not self.stopping:
+            busy = self.batcher is not None and self.in_flight is None and self.workers_ready and (
+                self.batcher.waiting or self.batcher.running or self.batcher.to_remove)
+            self._receive(0 if busy else 50)
+            if self.batcher is None:
+                self._check_worker_liveness()
+                continue
+            expired = self.batcher.expire_waiting()
+            if expired:
+                self._forward([(f.sequence, f.output) for f in expired])
+            self._check_worker_liveness()
+            if self.in_flight is None and self.workers_ready:
+                step = self.batcher.schedule()
+                if step is not None:
+                    send(self.steps_out, step)
+                    self.in_flight = (step, time.monotonic())
+        send(self.steps_out, Shutdown("scheduler stopping"))
+        time.sleep(0.1)  # let the shutdown reach the ranks before the socket closes
+        self.ctx.destroy(linger=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging("scheduler")
+    config = parse_config(SchedulerConfig, argv, "Queue and continuous batching for the worker ranks.")
+    process = SchedulerProcess(config)
+
+    def stop(signum, _frame) -> None:
+        log.info("received signal %d, stopping", signum)
+        process.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    process.run()
+    log.info("scheduler stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

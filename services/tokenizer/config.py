@@ -1,0 +1,17 @@
+"""Configuration of one tokenizer process (flags and env vars)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import knob
+from services.worker.config import DEMO_MODEL
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    model_name: str = knob(DEMO_MODEL, "MODEL_NAME", "hub model id (looked up in the local HF cache) or a local folder")
+    revision: str | None = knob(None, "REVISION", "model revision in the HF cache")
+    gateway_endpoint: str = knob("tcp://127.0.0.1:5570", "TOKENIZER_ENDPOINT", "gateway's ROUTER socket for the tokenizer pool (connect)")
+    name: str = knob("", "TOKENIZER_NAME", "name in logs and metrics (default: host-pid)")
+    heartbeat_interval: float = knob(1.0, "TOKENIZER_HEARTBEAT_INTERVAL", "seconds between heartbeats to the gateway")

@@ -1,0 +1,325 @@
+"""Llama-family causal LM in plain torch, with a slot-based KV cache and optional tensor parallelism.
+
+Running sequences occupy cache slots 0..B-1 contiguously, so a decode step
+attends over plain views `k[:B, :, :Lmax]` with a length mask, never a gather.
+Prefill runs one sequence at a time into its slot.  Under tensor parallelism
+q/k/v/gate/up are split by output rows (whole heads), o_proj/down_proj by input
+columns followed by an all-reduce; embeddings, norms and lm_head are replicated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The parts of a HF Llama config.json this implementation uses."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: dict
+    attention_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelArgs:
+        if config.get("model_type", "llama") != "llama":
+            raise ValueError(f"unsupported model_type {config.get('model_type')!r}: only Llama models are supported")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {config['hidden_act']!r}")
+        heads = config["num_attention_heads"]
+        # rope_parameters is the transformers >= 5 name; older configs use rope_theta + rope_scaling.
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+        rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+        rope.setdefault("original_max_position_embeddings", config.get("max_position_embeddings"))
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope=rope,
+            attention_bias=config.get("attention_bias", False),
+            mlp_bias=config.get("mlp_bias", False),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+        )
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse rotary frequencies, computed exactly as transformers does (float32)."""
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = args.rope["rope_type"]
+    if kind == "default":
+        return inv_freq
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope type {kind!r}: only default and llama3 rope are implemented")
+    factor, low, high = args.rope["factor"], args.rope["low_freq_factor"], args.rope["high_freq_factor"]
+    old_context = args.rope["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32 like the reference implementation, whatever the weights dtype.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Per-layer K/V tensors [max_batch, kv_heads, capacity, head_dim]; capacity doubles on demand."""
+
+    def __init__(self, num_layers: int, max_batch: int, kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device, initial_capacity: int = 256) -> None:
+        self.max_len = max_len
+        self.capacity = min(initial_capacity, max_len)
+        shape = (max_batch, kv_heads, self.capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def ensure_capacity(self, length: int) -> None:
+        """Make room for `length` positions per slot (copying the cache when it has to grow)."""
+        if length <= self.capacity:
+            return
+        if length > self.max_len:
+            raise ValueError(f"sequence length {length} exceeds the KV cache limit {self.max_len}")
+        capacity = self.capacity
+        while capacity < length:
+            capacity = min(capacity * 2, self.max_len)
+        for cache in (self.k, self.v):
+            for i, old in enumerate(cache):
+                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+                new[:, :, : self.capacity] = old
+                cache[i] = new
+        self.capacity = capacity
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst`."""
+        for cache in (self.k, self.v):
+            for layer in cache:
+                layer[dst, :, :length] = layer[src, :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, world_size: int, group) -> None:
+        super().__init__()
+        self.layer = layer
+        self.heads = args.num_heads // world_size
+        self.kv_heads = args.num_kv_heads // world_size
+        self.head_dim = args.head_dim
+        self.world_size, self.group = world_size, group
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        # The bias of a row-parallel layer is added once, after the all-reduce.
+        self.o_proj = nn.Linear(self.heads * self.head_dim, args.hidden_size, bias=False)
+        self.o_bias = nn.Parameter(torch.empty(args.hidden_size)) if bias else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                slots: torch.Tensor | slice, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: [B, T, hidden].  Prefill: B == 1, `slots` a one-slot slice, causal.  Decode: T == 1, `mask` given."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
+        if mask is None:
+            k_cache[slots, :, :t] = k
+            v_cache[slots, :, :t] = v
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            k_cache[slots, :, positions] = k[:, :, 0]
+            v_cache[slots, :, positions] = v[:, :, 0]
+            length = mask.shape[-1]
+            out = F.scaled_dot_product_attention(
+                q, k_cache[:b, :, :length], v_cache[:b, :, :length], attn_mask=mask, enable_gqa=True
+            )
+        out = self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        return _reduce(out, self.o_bias, self.world_size, self.group)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs, world_size: int, group) -> None:
+        super().__init__()
+        inner = args.intermediate_size // world_size
+        self.gate_proj = nn.Linear(args.hidden_size, inner, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.hidden_size, inner, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(inner, args.hidden_size, bias=False)
+        self.down_bias = nn.Parameter(torch.empty(args.hidden_size)) if args.mlp_bias else None
+        self.world_size, self.group = world_size, group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return _reduce(out, self.down_bias, self.world_size, self.group)
+
+
+def _reduce(out: torch.Tensor, bias: torch.Tensor | None, world_size: int, group) -> torch.Tensor:
+    """Sum a row-parallel layer's partial outputs across ranks, then add its bias."""
+    if world_size > 1:
+        torch.distributed.all_reduce(out, group=group)
+    return out if bias is None else out + bias
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, world_size: int, group) -> None:
+        super().__init__()
+        self.self_attn = Attention(args, layer, world_size, group)
+        self.mlp = MLP(args, world_size, group)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, *attn_args) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), *attn_args)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs, world_size: int, group) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, world_size, group) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The model; parameter names match HF checkpoints (`model.layers.N.self_attn.q_proj.weight`, ...)."""
+
+    def __init__(self, args: ModelArgs, rank: int = 0, world_size: int = 1, group=None) -> None:
+        super().__init__()
+        if args.num_heads % world_size or args.num_kv_heads % world_size or args.intermediate_size % world_size:
+            raise ValueError(
+                f"world_size {world_size} must divide attention heads ({args.num_heads}), "
+                f"KV heads ({args.num_kv_heads}) and intermediate_size ({args.intermediate_size})"
+            )
+        self.args, self.rank, self.world_size = args, rank, world_size
+        self.model = Backbone(args, world_size, group)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+             slots: torch.Tensor | slice, mask: torch.Tensor | None) -> torch.Tensor:
+        """input_ids/positions: [B, T] -> final hidden states [B, T, hidden]."""
+        x = self.model.embed_tokens(input_ids)
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
+        flat_positions = positions[:, 0]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, slots, flat_positions, mask)
+        return self.model.norm(x)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, cache: KVCache, slot: int, all_logits: bool) -> torch.Tensor:
+        """Run one sequence [T] into cache slot `slot`; float32 logits [T, vocab] (or [1, vocab] for the last)."""
+        positions = torch.arange(input_ids.shape[0], device=input_ids.device)[None]
+        h = self._run(input_ids[None], positions, cache, slice(slot, slot + 1), None)[0]
+        return self.lm_head(h if all_logits else h[-1:]).float()
+
+    @torch.inference_mode()
+    def decode(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token for each of slots 0..B-1, whose caches hold `lengths` tokens; float32 logits [B, vocab]."""
+        b = input_ids.shape[0]
+        span = torch.arange(int(lengths.max()) + 1, device=lengths.device)
+        mask = (span[None] <= lengths[:, None])[:, None, None]
+        slots = torch.arange(b, device=input_ids.device)
+        h = self._run(input_ids[:, None], lengths[:, None], cache, slots, mask)
+        return self.lm_head(h[:, 0]).float()
+
+
+def _checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file holding it."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def _checkpoint_name(param: str) -> tuple[str, int | None]:
+    """The checkpoint tensor behind one of our parameters, and the dim it is split along under TP."""
+    if param.endswith("o_bias"):
+        return param.replace("o_bias", "o_proj.bias"), None
+    if param.endswith("down_bias"):
+        return param.replace("down_bias", "down_proj.bias"), None
+    if any(p in param for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+        return param, 0
+    if any(p in param for p in ("o_proj.weight", "down_proj.weight")):
+        return param, 1
+    return param, None
+
+
+def load_model(folder: Path, dtype: torch.dtype, device: torch.device,
+               rank: int = 0, world_size: int = 1, group=None) -> LlamaForCausalLM:
+    """Build the model from `folder/config.json` and load (this rank's shard of) its safetensors weights."""
+    args = ModelArgs.from_config(json.loads((folder / "config.json").read_text()))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(args, rank, world_size, group).to(dtype)
+    model.to_empty(device=device)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(args).to(device)  # stays float32, like the reference
+    files = _checkpoint_files(folder)
+    handles: dict[Path, object] = {}
+    for name, param in model.named_parameters():  # a tied lm_head appears once, as the embedding
+        source, split_dim = _checkpoint_name(name)
+        if source not in files:
+            raise KeyError(f"weight {source} missing from the checkpoint in {folder}")
+        if files[source] not in handles:
+            handles[files[source]] = safe_open(files[source], framework="pt", device="cpu")
+        tensor = handles[files[source]].get_slice(source)
+        if split_dim is None or world_size == 1:
+            tensor = tensor[:]
+        else:
+            size = param.shape[split_dim]
+            index = slice(rank * size, (rank + 1) * size)
+            tensor = tensor[index] if split_dim == 0 else tensor[:, index]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(f"weight {source} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(tensor)
+    return model.eval()
