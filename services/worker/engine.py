@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 
 from services.common.protocol import (
-    LogitsParams, ModelInfo, NewSequence, SequenceOutput, Step, StepResult, token_ids,
+    LogitsParams,
+    ModelInfo,
+    NewSequence,
+    SequenceOutput,
+    Step,
+    StepResult,
+    token_ids,
 )
 from services.worker.config import WorkerConfig
 from services.worker.model import KVCache, load_model
@@ -97,6 +103,8 @@ class Engine:
         pad_id = _first(model_config.get("pad_token_id"))
         self.pad_id = self.eos_id if pad_id is None else pad_id
 
+        logger.info("Loading %s from %s (%s on %s, rank %d of %d)", config.model_name, self.model_path,
+                    str(self.dtype).removeprefix("torch."), self.device, config.rank, config.world_size)
         self.model = load_model(self.model_path, self.dtype, self.device, config.rank, config.world_size)
         args = self.model.args
         self.vocab_size = args.vocab_size

@@ -1,0 +1,49 @@
+"""Independent expected outputs: transformers' own generate() and tokenizer on the same model folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from services.gateway.pb import generation_pb2 as pb
+
+
+@dataclass
+class Expected:
+    text: str
+    generated_token_count: int
+    stop_reason: int
+    input_token_count: int
+
+
+@lru_cache(maxsize=4)
+def load(model_path: Path):
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    return tokenizer, model
+
+
+def eos_id(model) -> int:
+    eos = model.config.eos_token_id
+    return eos[0] if isinstance(eos, list) else eos
+
+
+def greedy(model_path: Path, prompt: str, max_new_tokens: int = 20) -> Expected:
+    """TGIS's answer for a greedy request, computed with transformers' generate()."""
+    tokenizer, model = load(model_path)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True).input_ids
+    eos = eos_id(model)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos, pad_token_id=eos, num_beams=1, repetition_penalty=1.0,
+                             temperature=None, top_p=None, top_k=None)
+    new = out[0, ids.shape[1]:].tolist()
+    if eos in new:
+        new = new[: new.index(eos) + 1]
+    reason = pb.EOS_TOKEN if new and new[-1] == eos else pb.MAX_TOKENS
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return Expected(text, len(new), reason, ids.shape[1])
