@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import build_tiny_llama
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -16,6 +15,7 @@ from services.common.protocol import LogitsParams, NewSequence, Step, token_ids
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine, model_max_length, resolve_dtype
 from services.worker.model import KVCache, ModelArgs, load_model, rope_inv_freq
+from tests.conftest import build_tiny_llama
 
 CPU = torch.device("cpu")
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -201,6 +201,7 @@ def test_config_helpers():
         resolve_dtype("half", CPU)
 
 
+@pytest.mark.demo_model
 def test_demo_model_says_paris(demo_model_path):
     engine, ref = _engine(demo_model_path, max_batch_size=1), _reference(demo_model_path)
     tokenizer = AutoTokenizer.from_pretrained(demo_model_path)

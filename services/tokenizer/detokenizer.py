@@ -47,7 +47,7 @@ class TextDecoder:
             text = self.tokenizer.decode([self._placeholder_id, *ids], skip_special_tokens=skip_special_tokens)
             if not text.startswith(self._placeholder):
                 raise DetokenizationError("Unexpected")
-            return text[len(self._placeholder):]
+            return text[len(self._placeholder) :]
         if self.kind == "BPEDecoder":
             text = self.tokenizer.decode([*ids, self._placeholder_id], skip_special_tokens=skip_special_tokens)
             if not text.endswith(self._placeholder):
@@ -98,7 +98,7 @@ class _IncrementalText:
             del self._ids[: self._read]
             self._first = False
         self._read = len(self._ids)
-        return text[len(context):]
+        return text[len(context) :]
 
     def flush(self) -> str:
         """Whatever is still pending, without a trailing incomplete character."""
@@ -106,7 +106,7 @@ class _IncrementalText:
             self._ids.append(self._lagging)
             self._lagging = None
         context = self._decode(self._ids[: self._read], last=False)
-        return self._decode(self._ids, last=True).rstrip(_INCOMPLETE)[len(context):]
+        return self._decode(self._ids, last=True).rstrip(_INCOMPLETE)[len(context) :]
 
     def _decode(self, ids: list[int], last: bool) -> str:
         return self._decoder.decode(ids, self._skip, first=self._first, last=last)
@@ -176,7 +176,7 @@ class Detokenizer:
             return ""
         limit = len(self._out) - self._stop_hold
         end = self._released
-        clusters = _GRAPHEME.findall(self._out[self._released:].decode())
+        clusters = _GRAPHEME.findall(self._out[self._released :].decode())
         for cluster in clusters[:-1]:
             size = len(cluster.encode())
             if end + size > limit:
@@ -185,6 +185,6 @@ class Detokenizer:
         return self._take(end)
 
     def _take(self, end: int) -> str:
-        text = self._out[self._released:end].decode()
+        text = self._out[self._released : end].decode()
         self._released = end
         return text

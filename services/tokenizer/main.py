@@ -13,6 +13,7 @@ from typing import Any
 import zmq
 from tokenizers import Tokenizer
 
+from services.common.codec import encode
 from services.common.config import parse_config
 from services.common.logs import setup_logging
 from services.common.protocol import (
@@ -27,7 +28,7 @@ from services.common.protocol import (
     TokenizerGoodbye,
     TokenizerHello,
 )
-from services.common.zmq_io import make_socket, recv, send
+from services.common.zmq_io import make_socket, recv
 from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.detokenizer import Detokenizer, TextDecoder
 from services.tokenizer.encoding import is_encoder_decoder, load_tokenizer, tokenize
@@ -53,9 +54,10 @@ class TokenizerService:
                 return tokenize(self.tokenizer, message)
             case DetokOpen():
                 detokenizer = Detokenizer(self.decoder, message.request_id, message.params)
+                # Open before replaying: should the replay fail, the request's next tokens report the error.
+                self.open[message.request_id] = detokenizer
                 # The lost process already released these ids' text; decoding them again restores its state.
                 detokenizer.feed(message.replay_ids, 0, StopReason.NOT_FINISHED)
-                self.open[message.request_id] = detokenizer
             case DetokTokens():
                 return self._detokenize(message)
             case DetokClose():
@@ -107,7 +109,7 @@ def serve(config: TokenizerConfig, name: str, service: TokenizerService, stopper
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(stopper.wake, zmq.POLLIN)
-    send(sock, TokenizerHello(name=name, pid=os.getpid()))
+    _send(sock, TokenizerHello(name=name, pid=os.getpid()))
     logger.info("Joined the tokenizer pool at %s as %s", config.gateway_endpoint, name)
     next_heartbeat = time.monotonic() + config.heartbeat_interval
     try:
@@ -119,13 +121,21 @@ def serve(config: TokenizerConfig, name: str, service: TokenizerService, stopper
             if sock in events:
                 _serve_one(sock, service)
             if time.monotonic() >= next_heartbeat:
-                send(sock, Heartbeat(sender=name))
+                _send(sock, Heartbeat(sender=name))
                 next_heartbeat = time.monotonic() + config.heartbeat_interval
-        send(sock, TokenizerGoodbye(name=name))
+        _send(sock, TokenizerGoodbye(name=name))
         logger.info("Left the tokenizer pool at %s", config.gateway_endpoint)
     finally:
         sock.close(linger=GOODBYE_LINGER_MS)
         ctx.term()
+
+
+def _send(sock: zmq.Socket, message: Any) -> None:
+    """Send without blocking: a gateway gone long enough to fill the queue must not freeze this process."""
+    try:
+        sock.send_multipart(encode(message), zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        logger.warning("Gateway unreachable (send queue full), dropped a %s message", type(message).__name__)
 
 
 def _serve_one(sock: zmq.Socket, service: TokenizerService) -> None:
@@ -137,7 +147,7 @@ def _serve_one(sock: zmq.Socket, service: TokenizerService) -> None:
     try:
         reply = service.handle(message)
         if reply is not None:
-            send(sock, reply)
+            _send(sock, reply)
     except Exception:
         logger.exception("Failed to handle a %s message", type(message).__name__)
 

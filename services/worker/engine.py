@@ -84,7 +84,11 @@ class Sequence:
 
 
 class Engine:
-    """Owns the model and the running batch; applies `Step`s and returns their `StepResult`s."""
+    """Owns the model and the running batch; applies `Step`s and returns their `StepResult`s.
+
+    With world_size > 1 the caller must have joined torch.distributed's default
+    group first; every rank then runs the same steps and samples the same tokens.
+    """
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config

@@ -136,6 +136,17 @@ class KVCache:
                 layer[dst, :, :length] = layer[src, :, :length]
 
 
+@dataclass
+class Context:
+    """What every layer of one forward pass shares: rotary tables, where K/V go, what the queries attend to."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cache: KVCache
+    index: tuple  # K/V destination: (slot slice, :, 0..T) in prefill, (slots, :, lengths) in decode
+    mask: torch.Tensor | None  # decode: [B, 1, 1, Lmax], True where a key exists; None: causal prefill
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int, world_size: int, group) -> None:
         super().__init__()
@@ -152,26 +163,22 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, args.hidden_size, bias=False)
         self.o_bias = nn.Parameter(torch.empty(args.hidden_size)) if bias else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                slots: torch.Tensor | slice, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: [B, T, hidden].  Prefill: B == 1, `slots` a one-slot slice, causal.  Decode: T == 1, `mask` given."""
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
-        if mask is None:
-            k_cache[slots, :, :t] = k
-            v_cache[slots, :, :t] = v
+        q = q * ctx.cos + rotate_half(q) * ctx.sin
+        k = k * ctx.cos + rotate_half(k) * ctx.sin
+        k_cache, v_cache = ctx.cache.k[self.layer], ctx.cache.v[self.layer]
+        if ctx.mask is None:
+            k_cache[ctx.index], v_cache[ctx.index] = k, v
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            k_cache[slots, :, positions] = k[:, :, 0]
-            v_cache[slots, :, positions] = v[:, :, 0]
-            length = mask.shape[-1]
+            k_cache[ctx.index], v_cache[ctx.index] = k[:, :, 0], v[:, :, 0]
+            span = ctx.mask.shape[-1]
             out = F.scaled_dot_product_attention(
-                q, k_cache[:b, :, :length], v_cache[:b, :, :length], attn_mask=mask, enable_gqa=True
+                q, k_cache[:b, :, :span], v_cache[:b, :, :span], attn_mask=ctx.mask, enable_gqa=True
             )
         out = self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         return _reduce(out, self.o_bias, self.world_size, self.group)
@@ -207,8 +214,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, *attn_args) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), *attn_args)
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -237,33 +244,32 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
-    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-             slots: torch.Tensor | slice, mask: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, index: tuple,
+             mask: torch.Tensor | None) -> torch.Tensor:
         """input_ids/positions: [B, T] -> final hidden states [B, T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
-        flat_positions = positions[:, 0]
+        ctx = Context(emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None], cache, index, mask)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, slots, flat_positions, mask)
+            x = layer(x, ctx)
         return self.model.norm(x)
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, cache: KVCache, slot: int, all_logits: bool) -> torch.Tensor:
         """Run one sequence [T] into cache slot `slot`; float32 logits [T, vocab] (or [1, vocab] for the last)."""
-        positions = torch.arange(input_ids.shape[0], device=input_ids.device)[None]
-        h = self._run(input_ids[None], positions, cache, slice(slot, slot + 1), None)[0]
-        return self.lm_head(h if all_logits else h[-1:]).float()
+        t = input_ids.shape[0]
+        positions = torch.arange(t, device=input_ids.device)[None]
+        h = self._run(input_ids[None], positions, cache, (slice(slot, slot + 1), slice(None), slice(0, t)), None)
+        return self.lm_head(h[0] if all_logits else h[0, -1:]).float()
 
     @torch.inference_mode()
     def decode(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token for each of slots 0..B-1, whose caches hold `lengths` tokens; float32 logits [B, vocab]."""
-        b = input_ids.shape[0]
         span = torch.arange(int(lengths.max()) + 1, device=lengths.device)
         mask = (span[None] <= lengths[:, None])[:, None, None]
-        slots = torch.arange(b, device=input_ids.device)
-        h = self._run(input_ids[:, None], lengths[:, None], cache, slots, mask)
+        slots = torch.arange(input_ids.shape[0], device=input_ids.device)
+        h = self._run(input_ids[:, None], lengths[:, None], cache, (slots, slice(None), lengths), mask)
         return self.lm_head(h[:, 0]).float()
 
 
@@ -308,7 +314,7 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device,
     for name, param in model.named_parameters():  # a tied lm_head appears once, as the embedding
         source, split_dim = _checkpoint_name(name)
         if source not in files:
-            raise KeyError(f"weight {source} missing from the checkpoint in {folder}")
+            raise ValueError(f"weight {source} missing from the checkpoint in {folder}")
         if files[source] not in handles:
             handles[files[source]] = safe_open(files[source], framework="pt", device="cpu")
         tensor = handles[files[source]].get_slice(source)
