@@ -63,7 +63,7 @@ def test_service_detokenizes_open_requests_only(service):
             ]
         )
     )
-    assert isinstance(result, DetokResult) and not result.error
+    assert isinstance(result, DetokResult) and not any(d.error for d in result.deltas)
     first, unknown = result.deltas
     assert (first.request_id, first.first_index, first.pieces) == ("a", 0, ["ĠOnce", "Ġupon"])
     assert "".join(first.texts) == " Once upon a tim" and len(first.texts) == 4  # "e" waits for the next id
@@ -102,8 +102,12 @@ def test_service_reports_detokenization_errors(demo_model_path):
     tokenizer.decoder = decoders.Replace("a", "b")  # a decoder type TGIS cannot continue from
     broken = TokenizerService(tokenizer, TextDecoder(tokenizer))
     broken.handle(DetokOpen("x", stream_params()))
-    result = broken.handle(DetokTokens([DetokItem("x", 0, token_ids([100, 200]))]))
-    assert result.deltas == [] and result.error == "Unsupported tokenizer type: Replace"
+    broken.handle(DetokOpen("y", stream_params()))
+    result = broken.handle(DetokTokens([DetokItem("x", 0, token_ids([100, 200])), DetokItem("y", 0, token_ids([5]))]))
+    assert [(d.request_id, d.stop_reason, d.error) for d in result.deltas] == [
+        ("x", StopReason.ERROR, "Unsupported tokenizer type: Replace"),
+        ("y", StopReason.ERROR, "Unsupported tokenizer type: Replace")]
+    assert broken.open == {}  # failed requests are forgotten; the process keeps serving
 
 
 def expect(router: zmq.Socket, kind: type, timeout_s: float = 30.0):

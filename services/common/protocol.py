@@ -508,6 +508,7 @@ class DetokDelta:
     stop_reason: StopReason = StopReason.NOT_FINISHED
     stop_sequence: str = ""
     pieces: list[str] = field(default_factory=list)
+    error: str = ""  # set (with stop_reason ERROR) when this request's ids could not be decoded
 
 
 @dataclass
@@ -516,7 +517,6 @@ class DetokResult:
 
     KIND: ClassVar[MessageKind] = MessageKind.DETOK_RESULT
     deltas: list[DetokDelta]
-    error: str = ""
 
 
 @dataclass

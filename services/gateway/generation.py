@@ -117,6 +117,9 @@ class Generation:
         """Turn the tokenizer's text for some tokens into events."""
         if self.finished:
             return
+        if delta.error:
+            self.fail(f"detokenization failed: {delta.error}")
+            return
         pieces = list(delta.pieces)
         if self.input_details is not None and delta.first_index == 0 and self.params.logits.input_details:
             infos = []

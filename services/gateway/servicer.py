@@ -133,7 +133,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         def on_delta(delta) -> None:
             generation.on_delta(delta)
             if generation.finished:
-                if delta.stop_reason == StopReason.STOP_SEQUENCE:
+                if delta.stop_reason in (StopReason.STOP_SEQUENCE, StopReason.ERROR):
                     self.scheduler.cancel([generation.request_id])
                 self.scheduler.finish(generation)
         return on_delta

@@ -217,8 +217,6 @@ class TokenizerPool:
 
     def _on_detok_result(self, member: Member, result: DetokResult) -> None:
         member.handled += 1
-        if result.error:
-            log.error("tokenizer %s failed to detokenize: %s", member.name, result.error)
         for delta in result.deltas:
             session = self.sessions.get(delta.request_id)
             item = session.pending.pop(delta.first_index, None) if session is not None else None

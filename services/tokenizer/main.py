@@ -19,6 +19,7 @@ from services.common.logs import setup_logging
 from services.common.protocol import (
     DetokClose,
     DetokDelta,
+    DetokItem,
     DetokOpen,
     DetokResult,
     DetokTokens,
@@ -68,22 +69,23 @@ class TokenizerService:
         return None
 
     def _detokenize(self, message: DetokTokens) -> DetokResult:
-        deltas = []
+        return DetokResult([self._detokenize_item(item) for item in message.items])
+
+    def _detokenize_item(self, item: DetokItem) -> DetokDelta:
+        detokenizer = self.open.get(item.request_id)
+        if detokenizer is None:  # closed or finished: the gateway ignores this
+            return DetokDelta(item.request_id, item.first_index, texts=[])
         try:
-            for item in message.items:
-                detokenizer = self.open.get(item.request_id)
-                if detokenizer is None:  # closed or finished: the gateway ignores this
-                    deltas.append(DetokDelta(item.request_id, item.first_index, texts=[]))
-                    continue
-                delta = detokenizer.feed(item.ids, item.first_index, item.stop_reason)
-                delta.pieces = [self.decoder.piece(token_id) for token_id in item.piece_ids]
-                if detokenizer.finished:
-                    del self.open[item.request_id]
-                deltas.append(delta)
-        except Exception as exc:  # e.g. an unsupported decoder type: fail these requests, keep serving
-            logger.exception("Detokenization failed")
-            return DetokResult([], error=str(exc) or type(exc).__name__)
-        return DetokResult(deltas)
+            delta = detokenizer.feed(item.ids, item.first_index, item.stop_reason)
+            delta.pieces = [self.decoder.piece(token_id) for token_id in item.piece_ids]
+        except Exception as exc:  # e.g. an unsupported decoder type: fail this request only, keep serving
+            logger.exception("Detokenization of %s failed", item.request_id)
+            del self.open[item.request_id]
+            return DetokDelta(item.request_id, item.first_index, texts=[], stop_reason=StopReason.ERROR,
+                              error=str(exc) or type(exc).__name__)
+        if detokenizer.finished:
+            del self.open[item.request_id]
+        return delta
 
 
 class _Stopper:
