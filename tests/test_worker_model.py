@@ -211,3 +211,16 @@ def test_demo_model_says_paris(demo_model_path):
     generated = [t.token.token_id for t in tokens]
     assert generated == _greedy(ref, ids, 6)
     assert tokenizer.decode(generated).startswith(" Paris.")
+
+
+def test_min_new_tokens_and_length_penalty_edit_scores_in_place(tiny_model_path):
+    """Regression: EOS masking writes into the model's logits, which must be allowed during a step."""
+    from services.common.protocol import LogitsParams, NewSequence, Step, token_ids
+    from services.worker.config import WorkerConfig
+    from services.worker.engine import Engine
+
+    engine = Engine(WorkerConfig(model_name=str(tiny_model_path), max_batch_size=2))
+    params = LogitsParams(min_new_tokens=3, length_penalty_start=1, length_penalty_decay=2.0)
+    result = engine.step(Step(1, [NewSequence("a", token_ids([1, 2, 3]), params)], [], False))
+    assert len(result.outputs) == 1
+    assert len(engine.step(Step(2, [], [], True)).outputs) == 1

@@ -127,6 +127,7 @@ class Engine:
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
         )
 
+    @torch.inference_mode()
     def step(self, step: Step) -> StepResult:
         """Drop `step.remove`, prefill `step.add`, then decode one token for the sequences that were running."""
         for request_id in step.remove:
