@@ -20,7 +20,7 @@ class Baseline:
     def __init__(self, model_path: Path, dtype: torch.dtype = torch.float32, device: str | None = None) -> None:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
         eos = self.model.config.eos_token_id
         eos = eos[0] if isinstance(eos, list) else eos
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
@@ -32,8 +32,9 @@ class Baseline:
             raise ValueError(f"the server's tokens are not in this model's vocabulary: {prompt.tokens}")
         return ids
 
-    def warm_up(self, prompt: Prompt) -> None:
-        self._generate([self.token_ids(prompt)], 2)
+    def warm_up(self, prompts: list[Prompt]) -> None:
+        """A short untimed batch: the first generate() calls pay one-off allocation and initialisation costs."""
+        self._generate([self.token_ids(p) for p in prompts], 2)
 
     def run(self, prompts: list[Prompt], batch_size: int, output_tokens: int, duration: float | None) -> dict:
         """Generate for `prompts` in batches of `batch_size`: each batch once, or in turn until `duration` passed."""

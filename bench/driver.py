@@ -73,15 +73,16 @@ async def run_level(stub: generation_pb2_grpc.GenerationServiceStub, factory: Pr
     """Keep `concurrency` requests in flight until `requests` were sent or `duration` seconds passed."""
     queue = PromptQueue(factory, await factory.build(requests or 4 * concurrency), refill=4 * concurrency)
     timings: list[RequestTiming] = []
-    budget = {"left": requests}
+    sent = 0
     started = time.perf_counter()
     deadline = started + duration if duration else None
 
     def may_send() -> bool:
+        nonlocal sent
         if deadline is not None:
             return time.perf_counter() < deadline
-        budget["left"] -= 1
-        return budget["left"] >= 0
+        sent += 1
+        return sent <= (requests or 0)
 
     async def client() -> None:
         while may_send():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -23,6 +24,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 def launcher_command() -> list[str]:
     """The launcher console script of this environment; `python -m` when it is not installed as a script."""
     beside_python = Path(sys.executable).with_name("text-generation-launcher")
@@ -30,6 +34,12 @@ def launcher_command() -> list[str]:
         return [str(beside_python)]
     on_path = shutil.which("text-generation-launcher")
     return [on_path] if on_path else [sys.executable, "-m", "services.launcher"]
+
+
+def launcher_env() -> dict[str, str]:
+    """This environment, plus the source tree on PYTHONPATH so `python -m services.launcher` works from anywhere."""
+    paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 class LaunchedServer:
@@ -53,7 +63,7 @@ class LaunchedServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log_file:
             # The child keeps its own copy of the file descriptor.
-            self.process = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT, env=launcher_env())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -97,6 +97,10 @@ def check_config(config: LauncherConfig) -> None:
         raise SystemExit("max_concurrent_requests must be > 0")
     if config.num_tokenizers <= 0:
         raise SystemExit("num_tokenizers must be > 0")
+    if bool(config.tls_cert_path) != bool(config.tls_key_path):
+        raise SystemExit("tls: must provide both cert and key")
+    if config.tls_client_ca_cert_path and not config.tls_cert_path:
+        raise SystemExit("tls: cannot provide client ca cert without keypair")
     defaults = {f.name: f.default for f in dataclasses.fields(LauncherConfig)}
     for name in ACCEPTED_NOT_USED:
         if getattr(config, name) != defaults[name]:

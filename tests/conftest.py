@@ -34,7 +34,9 @@ def build_tiny_llama(target: Path, tokenizer_source: Path, *, seed: int = 0, **o
         vocab_size=demo_config["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
         tie_word_embeddings=True, bos_token_id=demo_config.get("bos_token_id"),
-        eos_token_id=demo_config.get("eos_token_id"), pad_token_id=demo_config.get("pad_token_id"),
+        eos_token_id=demo_config.get("eos_token_id"),
+        # No pad id: with one, transformers zeroes that embedding row, and pad == EOS would pin the EOS logit at 0.
+        pad_token_id=None,
         # Wide weights spread the logits so greedy choices are not near-ties between implementations.
         initializer_range=0.2,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import grpc
 import pytest
@@ -279,9 +280,20 @@ def test_stop_sequence_on_last_allowed_token_is_max_tokens(server, tok, tiny_mod
 
 def test_time_limit_in_batch_and_in_queue(server, tok):
     params = pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=169, min_new_tokens=169,
-                                                        time_limit_millis=300))
-    response = generate(server, "def doit():\n", params)
+                                                        time_limit_millis=50))
+    # Unary and streamed separately: a time limit makes their token counts differ.
+    started = time.monotonic()
+    response = server.stub.Generate(pb.BatchedGenerationRequest(
+        requests=[pb.GenerationRequest(text="def doit():\n")], params=params)).responses[0]
     assert response.stop_reason == pb.TIME_LIMIT and 1 <= response.generated_token_count < 169
+    assert 0.05 <= time.monotonic() - started < 10
+    messages = list(server.stub.GenerateStream(pb.SingleGenerationRequest(
+        request=pb.GenerationRequest(text="def doit():\n"), params=params)))
+    assert messages[-1].stop_reason == pb.TIME_LIMIT and 1 <= messages[-1].generated_token_count < 169
+    params.stopping.time_limit_millis = 1
+    response = server.stub.Generate(pb.BatchedGenerationRequest(
+        requests=[pb.GenerationRequest(text="def doit():\n")], params=params)).responses[0]
+    assert response.stop_reason == pb.TIME_LIMIT and response.generated_token_count >= 1
 
     async def scenario():
         channel, stub = server.aio_stub()

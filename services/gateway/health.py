@@ -2,17 +2,30 @@
 
 After a successful generation a cheap ping through the scheduler is enough;
 at start-up or after a failure a real one-token generation ("liveness") must
-pass through every service.
+pass through every service.  The probe's generation is not counted in the
+request metrics (TGIS's probe goes to the shards directly).
+
+`grpc.health.v1.Health/Check` for "" and "fmaas.GenerationService" runs the
+same check (SERVING / NOT_SERVING); while draining it answers NOT_SERVING
+without checking.  `Watch` reports the status of the last check.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 
+from grpc_health.v1 import health, health_pb2
+
+from services.gateway.metrics import NullMetrics
 from services.gateway.pb import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+SERVICE_NAME = "fmaas.GenerationService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class _ProbeContext:
@@ -22,11 +35,19 @@ class _ProbeContext:
         raise RuntimeError(f"{code.name}: {details}")
 
 
+def quiet_copy(servicer):
+    """The servicer with its metrics switched off, for the probe (it shares everything else, request ids too)."""
+    probe = copy.copy(servicer)
+    probe.metrics = NullMetrics()
+    return probe
+
+
 class HealthChecker:
     """Answers "can this pipeline generate right now?" with a reason when it cannot."""
 
-    def __init__(self, servicer, timeout: float) -> None:
+    def __init__(self, servicer, timeout: float, probe_servicer=None) -> None:
         self.servicer = servicer
+        self.probe_servicer = probe_servicer if probe_servicer is not None else servicer
         self.timeout = timeout
         self.last_generation_ok = False
         self._lock = asyncio.Lock()
@@ -51,6 +72,7 @@ class HealthChecker:
                 self.last_generation_ok = True
                 return True, ""
         except TimeoutError:
+            self.last_generation_ok = False
             return False, "Healthcheck timed-out"
         except Exception as exc:  # noqa: BLE001 - any failure is an unhealthy pipeline, reported with its reason
             log.warning("health check failed: %s", exc)
@@ -63,4 +85,25 @@ class HealthChecker:
             params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=1)),
         )
         # Goes around the concurrency limit, as TGIS's probe skips the queue.
-        await self.servicer.generate_unlimited(request, _ProbeContext())
+        await self.probe_servicer.generate_unlimited(request, _ProbeContext())
+
+
+class GrpcHealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 whose Check asks the pipeline (the HealthChecker) rather than a stored flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checker: HealthChecker | None = None
+        self._server_status[SERVICE_NAME] = NOT_SERVING
+        self._server_status[""] = NOT_SERVING
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context):
+        if self.checker is None or request.service not in ("", SERVICE_NAME) or self._gracefully_shutting_down:
+            return await super().Check(request, context)
+        ok, reason = await self.checker.check()
+        status = SERVING if ok else NOT_SERVING
+        if not ok:
+            log.info("gRPC health check: NOT_SERVING (%s)", reason)
+        await self.set("", status)
+        await self.set(SERVICE_NAME, status)
+        return health_pb2.HealthCheckResponse(status=status)

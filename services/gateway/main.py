@@ -16,14 +16,13 @@ from pathlib import Path
 import grpc
 import zmq.asyncio
 from aiohttp import web
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import parse_config
 from services.common.logs import setup_logging
 from services.gateway.config import GatewayConfig
-from services.gateway.health import HealthChecker
-from services.gateway.metrics import GatewayMetrics
+from services.gateway.health import GrpcHealthServicer, HealthChecker, quiet_copy
+from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from services.gateway.pb import generation_pb2_grpc
 from services.gateway.scheduler_client import SchedulerClient, make_gateway_id
 from services.gateway.servicer import GenerationServicer
@@ -32,22 +31,64 @@ from services.gateway.tokenizer_pool import TokenizerPool
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "fmaas.GenerationService"
+DRAINING_MESSAGE = "Server is shutting down"
+
+
+def _fail(message: str) -> None:
+    """A start-up error: logged (so it reaches the launcher's log) and exit status 1."""
+    log.error(message)
+    raise SystemExit(1)
+
+
+def tls_error(cert: str | None, key: str | None, client_ca: str | None) -> str | None:
+    """TGIS's start-up error for half-given TLS settings, or None."""
+    if bool(cert) != bool(key):
+        return "tls: must provide both cert and key"
+    if client_ca and not cert:
+        return "tls: cannot provide client ca cert without keypair"
+    return None
+
+
+def _load_pem(path: str, name: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        _fail(f"couldn't load {name} from {path}: {exc}")
+        raise  # not reached
 
 
 def tls_credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
-    """Server credentials from the TLS paths, with TGIS's start-up errors for half-given settings."""
-    if bool(config.tls_cert_path) != bool(config.tls_key_path):
-        raise SystemExit("tls: must provide both cert and key")
-    if config.tls_client_ca_cert_path and not config.tls_cert_path:
-        raise SystemExit("tls: cannot provide client ca cert without keypair")
+    """Server credentials from the TLS paths; a client CA makes client certificates required (mTLS)."""
+    error = tls_error(config.tls_cert_path, config.tls_key_path, config.tls_client_ca_cert_path)
+    if error:
+        _fail(error)
     if not config.tls_cert_path:
         return None
-    key = Path(config.tls_key_path).read_bytes()
-    cert = Path(config.tls_cert_path).read_bytes()
+    cert = _load_pem(config.tls_cert_path, "cert")
+    key = _load_pem(config.tls_key_path, "key")
     if config.tls_client_ca_cert_path:
-        ca = Path(config.tls_client_ca_cert_path).read_bytes()
+        ca = _load_pem(config.tls_client_ca_cert_path, "client ca cert")
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
     return grpc.ssl_server_credentials([(key, cert)])
+
+
+class DrainInterceptor(grpc.aio.ServerInterceptor):
+    """While draining, every new GenerationService call is refused with UNAVAILABLE (health checks still work)."""
+
+    def __init__(self, draining) -> None:
+        self.draining = draining
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not self.draining() or not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+
+        async def refuse(_request, context):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+
+        make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+        return make(refuse, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
 
 
 class Gateway:
@@ -60,7 +101,8 @@ class Gateway:
         self.pool = TokenizerPool(self.ctx, config.tokenizer_endpoint, config.tokenizer_heartbeat_timeout,
                                   config.tokenizer_wait_timeout)
         self.scheduler = SchedulerClient(self.ctx, config.scheduler_endpoint, make_gateway_id(), self.pool)
-        self.health_servicer = health.aio.HealthServicer()
+        self.health_servicer = GrpcHealthServicer()
+        self.servicer: GenerationServicer | None = None
         self.stop_requested = asyncio.Event()
 
     async def run(self) -> None:
@@ -86,9 +128,16 @@ class Gateway:
         )
         self.health = HealthChecker(self.servicer, self.config.health_timeout)
         self.servicer.on_generation_result = self.health.record
-        self.scheduler.on_step = self.metrics.record_step
-        self.pool.on_membership_change = lambda: self.metrics.tokenizer_pool_size.set(len(self.pool.members))
-        self.metrics.tokenizer_pool_size.set(len(self.pool.members))
+        # The probe's generation is not a client request: it is not counted in the metrics.
+        self.health.probe_servicer = quiet_copy(self.servicer)
+        self.health_servicer.checker = self.health
+        metrics = self.metrics
+        self.scheduler.on_step = metrics.record_step
+        self.scheduler.on_failed = metrics.record_step_failure
+        self.scheduler.on_finished = metrics.record_finished
+        self.pool.on_handled = metrics.tokenizer_handled_one
+        self.pool.on_membership_change = lambda: metrics.set_tokenizers([m.name for m in self.pool.members.values()])
+        self.pool.on_membership_change()
 
         server = await self._start_grpc()
         runner = await self._start_http()
@@ -104,7 +153,7 @@ class Gateway:
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=options, interceptors=[DrainInterceptor(lambda: self.servicer.draining)])
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
         address = f"{self.config.host}:{self.config.grpc_port}"
@@ -135,8 +184,7 @@ class Gateway:
         return web.Response(status=503, text=json.dumps({"error": reason}), content_type="application/json")
 
     async def _metrics(self, _request: web.Request) -> web.Response:
-        body = generate_latest(self.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _drain(self, server: grpc.aio.Server) -> None:
         grace = self.config.drain_grace_period

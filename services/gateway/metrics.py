@@ -3,20 +3,55 @@
 Steps run in the scheduler and worker; their figures arrive in `StepStats`
 attached to token batches, so one scrape of the gateway shows the whole
 pipeline (see docs/architecture.md).
+
+Exposition follows TGIS's (metrics-exporter-prometheus): every counter is
+emitted twice, as `name` and as `name_total`, with the same labels and value,
+and there are no `_created` series.  `render()` writes that text format from
+the prometheus_client registry.
+
+Two histograms have no buckets in TGIS (its exporter then probably renders a
+summary; the spec marks this UNCLEAR).  Here they are histograms:
+`tgi_request_raw_input_length` uses the `tgi_request_input_length` buckets
+(max_sequence_length/64 * i) so both can be compared, and
+`tgi_batch_next_tokens` (total input tokens of a prefill step) uses powers of
+two up to max_sequence_length * max_batch_size.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.utils import floatToGoString
 
 from services.common.protocol import StepStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 DURATION_BUCKETS = [0.0001 * 1.5**k for k in range(1, 36)]
 TOKENIZE_TOKEN_BUCKETS = [float(2**k) for k in range(6, 20)]
 
+# Messages of the scheduler's RequestFailed that are not a failed forward pass.
+NOT_A_STEP_FAILURE = ("model not loaded",)
+
 
 def _linear(limit: int) -> list[float]:
     return [limit / 64 * i for i in range(1, 65)]
+
+
+def _powers_of_two(limit: int) -> list[float]:
+    top = max(1, math.ceil(math.log2(max(limit, 1))))
+    return [float(2**k) for k in range(0, top + 1)]
+
+
+def failure_reason(message: str) -> str:
+    """TGIS's `reason` label of tgi_batch_inference_failure for a step failure message."""
+    if message == "GPU out of memory":
+        return "oom"
+    if "stopped responding" in message:
+        return "connection"
+    return "error"
 
 
 class GatewayMetrics:
@@ -25,8 +60,9 @@ class GatewayMetrics:
     def __init__(self, max_sequence_length: int, max_new_tokens: int, max_batch_size: int) -> None:
         self.registry = r = CollectorRegistry()
         self.request_count = Counter("tgi_request_count", "gRPC generate calls", ["kind"], registry=r)
-        self.request_input_count = Counter("tgi_request_input_count", "inputs received", registry=r)
-        self.request_failure = Counter("tgi_request_failure", "failed inputs", ["err"], registry=r)
+        self.request_input_count = Counter("tgi_request_input_count", "inputs received by Generate/GenerateStream",
+                                           registry=r)
+        self.request_failure = Counter("tgi_request_failure", "failed calls or inputs, by error", ["err"], registry=r)
         self.request_success = Counter("tgi_request_success", "finished inputs", ["stop_reason", "kind"], registry=r)
         self.batch_concatenation = Counter("tgi_batch_concatenation_count", "add-on batches merged", registry=r)
         self.batch_inference_count = Counter("tgi_batch_inference_count", "worker steps", ["method"], registry=r)
@@ -59,7 +95,8 @@ class GatewayMetrics:
         self.generated_tokens = hist("tgi_request_generated_tokens", "generated tokens", _linear(max_new_tokens))
         self.total_tokens = hist("tgi_request_total_tokens", "input + generated tokens", _linear(max_sequence_length))
         self.prompt_load_duration = hist("tgi_prompt_load_duration", "prompt prefix load seconds", DURATION_BUCKETS)
-        self.batch_next_tokens = hist("tgi_batch_next_tokens", "tokens in a prefill batch", _linear(max_sequence_length))
+        self.batch_next_tokens = hist("tgi_batch_next_tokens", "input tokens in a prefill step",
+                                      _powers_of_two(max_sequence_length * max_batch_size))
         self.batch_size = hist("tgi_batch_inference_batch_size", "sequences per step",
                                [float(i) for i in range(1, max_batch_size + 1)], ("method",))
         self.batch_duration = hist("tgi_batch_inference_duration", "step seconds", DURATION_BUCKETS,
@@ -81,9 +118,12 @@ class GatewayMetrics:
         self.batch_max_remaining_tokens = Gauge("tgi_batch_max_remaining_tokens",
                                                 "sum of remaining tokens in the batch", registry=r)
         self.queue_size = Gauge("tgi_queue_size", "requests waiting", registry=r)
+        # Not in TGIS: the tokenizer pool of this pipeline.
         self.tokenizer_pool_size = Gauge("tgi_tokenizer_pool_size", "tokenizer processes in the pool", registry=r)
         self.tokenizer_handled = Counter("tgi_tokenizer_messages_handled", "replies from each tokenizer process",
                                          ["tokenizer"], registry=r)
+
+    # ------------------------------------------------------------------ recording
 
     def record_step(self, stats: StepStats) -> None:
         method, makeup = stats.method, "single_only"
@@ -99,8 +139,97 @@ class GatewayMetrics:
             self.batch_concatenation.inc()
         self.set_batch_gauges(stats.running, stats.batch_input_tokens, stats.batch_remaining_tokens, stats.queue_size)
 
+    def record_step_failure(self, message: str, generations: list[Any]) -> None:
+        """A failed forward pass, as the scheduler's RequestFailed reports it.
+
+        The message does not say which kind of step failed: if one of the
+        failed requests had no token yet, the step was prefilling it.
+        """
+        if message in NOT_A_STEP_FAILURE or not generations:
+            return
+        method = "prefill" if any(g.first_token_at is None for g in generations) else "next_token"
+        self.batch_inference_count.labels(method).inc()
+        self.batch_inference_failure.labels(method, failure_reason(message)).inc()
+
+    def record_finished(self, generation: Any) -> None:
+        """A generation ended: one that never got a token timed out in the queue (TGIS: err="timeout")."""
+        if generation.first_token_at is None:
+            self.request_failure.labels("timeout").inc()
+
+    def tokenizer_handled_one(self, name: str) -> None:
+        self.tokenizer_handled.labels(name).inc()
+
+    def set_tokenizers(self, names: list[str]) -> None:
+        """Pool membership changed: export the pool size and a (possibly 0) counter per member."""
+        self.tokenizer_pool_size.set(len(names))
+        for name in names:
+            self.tokenizer_handled.labels(name)
+
     def set_batch_gauges(self, size: int, input_tokens: int, remaining: int, queue_size: int) -> None:
         self.batch_current_size.set(size)
         self.batch_input_tokens.set(input_tokens)
         self.batch_max_remaining_tokens.set(remaining)
         self.queue_size.set(queue_size)
+
+    # ------------------------------------------------------------------ exposition
+
+    def render(self) -> bytes:
+        return render(self.registry)
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n")
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _sample(name: str, labels: dict[str, str], value: float) -> str:
+    if labels:
+        inner = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sorted(labels.items()))
+        return f"{name}{{{inner}}} {floatToGoString(value)}\n"
+    return f"{name} {floatToGoString(value)}\n"
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """Prometheus text format as TGIS writes it: counters as `name` and `name_total`, no `_created`."""
+    out: list[str] = []
+    for family in registry.collect():
+        if family.type == "counter":
+            samples = [s for s in family.samples if s.name == family.name + "_total"]
+            for name in (family.name, family.name + "_total"):
+                out.append(f"# HELP {name} {_escape_help(family.documentation)}\n")
+                out.append(f"# TYPE {name} counter\n")
+                out.extend(_sample(name, s.labels, s.value) for s in samples)
+            continue
+        out.append(f"# HELP {family.name} {_escape_help(family.documentation)}\n")
+        out.append(f"# TYPE {family.name} {family.type}\n")
+        out.extend(_sample(s.name, s.labels, s.value) for s in family.samples
+                   if not s.name.endswith("_created"))
+    return "".join(out).encode()
+
+
+class _Discard:
+    """A metric that records nothing (any .labels(...).inc()/observe()/set() chain)."""
+
+    def labels(self, *_args: Any, **_kwargs: Any) -> _Discard:
+        return self
+
+    def inc(self, *_args: Any) -> None:
+        pass
+
+    def observe(self, *_args: Any) -> None:
+        pass
+
+    def set(self, *_args: Any) -> None:
+        pass
+
+
+class NullMetrics:
+    """Stands in for GatewayMetrics where nothing must be counted (the /health probe's generation)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Discard()

@@ -50,6 +50,8 @@ class SchedulerClient:
         self.generations: dict[str, Generation] = {}
         self.on_step: Callable[[StepStats], None] = lambda stats: None
         self.on_finished: Callable[[Generation], None] = lambda generation: None
+        # Told of each RequestFailed (message, the generations it failed), for the step-failure metrics.
+        self.on_failed: Callable[[str, list[Generation]], None] = lambda message, generations: None
         self._pings: dict[int, asyncio.Future] = {}
         self._nonces = itertools.count(1)
 
@@ -111,11 +113,14 @@ class SchedulerClient:
             self.info = message
             self.ready.set()
         elif isinstance(message, RequestFailed):
+            failed = []
             for request_id in message.request_ids:
                 generation = self.generations.pop(request_id, None)
                 if generation is not None:
+                    failed.append(generation)
                     generation.fail(message.message)
                     self.pool.close(request_id)
+            self.on_failed(message.message, failed)
         elif isinstance(message, Pong):
             future = self._pings.get(message.nonce)
             if future is not None and not future.done():

@@ -148,16 +148,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         m = self.metrics
         m.request_success.labels(str(event.stop_reason), kind).inc()
         now = time.monotonic()
-        m.request_duration.observe(now - generation.received_at)
+        # End to end from the call's arrival (wall clock `received_at`), as TGIS's start_time.
+        total = max(0.0, time.time() - received_at)
+        m.request_duration.observe(total)
         m.queue_duration.observe(generation.queue_duration)
         m.generated_tokens.observe(event.count)
         m.total_tokens.observe(event.count + generation.input.input_length)
         if generation.first_token_at is not None:
-            inference = now - generation.first_token_at + 0.0
+            # TGIS: from leaving the queue (so the prefill counts) to the end; generation.received_at = submission.
+            inference = max(0.0, now - generation.received_at - generation.queue_duration)
             m.inference_duration.observe(inference)
             if event.count:
                 m.mean_time_per_token.observe(inference / event.count)
-            m.time_to_first_token.observe(generation.first_token_at - generation.received_at)
+            m.time_to_first_token.observe(max(0.0, total - (now - generation.first_token_at)))
         for gap in generation.inter_token:
             m.inter_token_latency.observe(gap)
 

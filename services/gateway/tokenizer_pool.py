@@ -97,6 +97,7 @@ class TokenizerPool:
         self._job_ids = itertools.count(1)
         self._joined = asyncio.Event()
         self.on_membership_change: Callable[[], None] = lambda: None
+        self.on_handled: Callable[[str], None] = lambda name: None  # a member answered (metrics)
 
     # ------------------------------------------------------------------ membership
 
@@ -167,6 +168,7 @@ class TokenizerPool:
     def _on_tokenize_result(self, member: Member, result: TokenizeResult) -> None:
         member.jobs.discard(result.job_id)
         member.handled += 1
+        self.on_handled(member.name)
         job = self.jobs.get(result.job_id)
         if job is None or job.future.done():
             return
@@ -217,6 +219,7 @@ class TokenizerPool:
 
     def _on_detok_result(self, member: Member, result: DetokResult) -> None:
         member.handled += 1
+        self.on_handled(member.name)
         for delta in result.deltas:
             session = self.sessions.get(delta.request_id)
             item = session.pending.pop(delta.first_index, None) if session is not None else None

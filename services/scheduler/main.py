@@ -3,9 +3,9 @@
 Loop (one thread, one poller):
   1. receive gateway messages (hello, submit, cancel, ping) and worker messages
      (hello, ready, step results, failures, heartbeats);
-  2. end queued requests whose deadline passed;
-  3. declare ranks lost when their heartbeats stop, failing the running batch;
-  4. when no step is in flight and the workers are ready, publish the next Step.
+  2. declare ranks lost when their heartbeats stop, failing the running batch;
+  3. when no step is in flight and the workers are ready, publish the next Step;
+  4. end requests still queued whose deadline passed (TIME_LIMIT, no tokens).
 """
 
 from __future__ import annotations
@@ -218,15 +218,17 @@ class SchedulerProcess:
             if self.batcher is None:
                 self._check_worker_liveness()
                 continue
-            expired = self.batcher.expire_waiting()
-            if expired:
-                self._forward([(f.sequence, f.output) for f in expired])
             self._check_worker_liveness()
             if self.in_flight is None and self.workers_ready:
                 step = self.batcher.schedule()
                 if step is not None:
                     send(self.steps_out, step)
                     self.in_flight = (step, time.monotonic())
+            # After scheduling, as in TGIS: a request that can start now gets its first token whatever its
+            # deadline; only one left waiting behind a running batch can expire in the queue.
+            expired = self.batcher.expire_waiting()
+            if expired:
+                self._forward([(f.sequence, f.output) for f in expired])
         send(self.steps_out, Shutdown("scheduler stopping"))
         time.sleep(0.1)  # let the shutdown reach the ranks before the socket closes
         self.ctx.destroy(linger=0)
