@@ -421,3 +421,23 @@ def test_tokenize_tokens_offsets_and_truncation(server, tok):
     assert truncated.token_count == 3 and list(truncated.tokens) == full[-3:]
     count_only = server.stub.Tokenize(pb.BatchedTokenizeRequest(requests=[pb.TokenizeRequest(text=texts[0])]))
     assert count_only.responses[0].token_count == len(full) and not count_only.responses[0].tokens
+
+
+# ---------------------------------------------------------------------------------------------- 5. special tokens
+
+
+def test_output_special_tokens_keeps_them_but_never_the_trailing_eos(tiny_model_path, tmp_path, tok):
+    server = Pipeline(tiny_model_path, tmp_path, "--max-sequence-length", "200", "--output-special-tokens").start()
+    try:
+        # Length penalty makes EOS come quickly; text must keep specials yet drop the final EOS.
+        settings = ref.Settings(length_penalty=(1, 10.0), max_new_tokens=30)
+        expected = ref.generate(tiny_model_path, PROMPT, settings)
+        assert expected.stop_reason == pb.EOS_TOKEN
+        response = generate(server, PROMPT, to_params(settings))
+        assert response.stop_reason == pb.EOS_TOKEN
+        assert response.text == tok.decode(expected.ids[:-1], skip_special_tokens=False)
+        assert tok.eos_token not in response.text
+        # A special token in the prompt is not part of the generated text either way.
+        assert tok.decode(expected.ids, skip_special_tokens=False).endswith(tok.eos_token)
+    finally:
+        assert server.stop() == 0
