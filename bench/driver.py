@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import grpc
 
 from bench.prompts import Prompt, PromptFactory
-from bench.stats import RequestTiming
+from bench.stats import RequestTiming, summarize_level
 from services.gateway.pb import generation_pb2 as pb
 from services.gateway.pb import generation_pb2_grpc
 
@@ -48,6 +48,9 @@ class LevelRun:
     prompts: list[Prompt]
     started: float
     ended: float
+
+    def summary(self) -> dict:
+        return summarize_level(self.concurrency, self.timings, self.started, self.ended)
 
 
 class PromptQueue:

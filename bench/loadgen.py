@@ -24,7 +24,6 @@ from bench.driver import LevelRun, run_level, stream_one
 from bench.launch import LaunchedServer
 from bench.prompts import PromptFactory
 from bench.report import header, table
-from bench.stats import summarize_level
 from services.gateway.pb import generation_pb2_grpc
 from services.worker.config import DEMO_MODEL
 from services.worker.weights import ModelNotFoundError, resolve_model_path
@@ -134,7 +133,7 @@ async def run_one_level(stub: generation_pb2_grpc.GenerationServiceStub, factory
     amount = f"{args.duration} s" if count is None else f"{count} requests"
     log.info("level concurrency=%d started (%s)", concurrency, amount)
     run = await run_level(stub, factory, concurrency, args.output_tokens, count, args.duration, args.request_timeout)
-    summary = summarize_level(run.concurrency, run.timings, run.started, run.ended)
+    summary = run.summary()
     log.info("level concurrency=%d finished: %d/%d ok in %.1f s, %.1f tok/s", concurrency, summary["completed"],
              summary["requests"], summary["duration_s"], summary["tokens_per_s"])
     return run
@@ -166,9 +165,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     finally:
         if server:
             server.stop()  # before the baseline, which then has the machine to itself
-    levels = [summarize_level(r.concurrency, r.timings, r.started, r.ended) for r in runs]
+    levels = [run.summary() for run in runs]
     if not args.no_baseline:
-        run_baselines(args, runs, levels)
+        try:
+            run_baselines(args, runs, levels)
+        except ModelNotFoundError as exc:
+            # The server's figures are still worth printing.
+            log.error("baseline skipped: %s (point --model at the served model's folder, or use --no-baseline)", exc)
     config = {"address": address, "launched": args.launch, "model": args.model, "input_tokens": args.input_tokens,
               "output_tokens": args.output_tokens, "concurrency": args.concurrency, "duration": args.duration,
               "requests_per_level": args.requests_per_level, "warmup_requests": args.warmup_requests,
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
         results = run_benchmark(args)
-    except (grpc.aio.AioRpcError, ModelNotFoundError, RuntimeError, TimeoutError, ValueError) as exc:
+    except (grpc.aio.AioRpcError, RuntimeError, TimeoutError, ValueError) as exc:
         log.error("benchmark failed: %s", exc)
         return 1
     print(header(results["config"]))

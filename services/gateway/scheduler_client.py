@@ -83,7 +83,8 @@ class SchedulerClient:
 
     async def run(self) -> None:
         """Say hello (again every second until the model info arrives), then route messages forever."""
-        hello = asyncio.get_running_loop().create_task(self._hello_until_ready())
+        loop = asyncio.get_running_loop()
+        helpers = [loop.create_task(self._hello_until_ready()), loop.create_task(self._watch_scheduler())]
         try:
             while True:
                 try:
@@ -93,7 +94,35 @@ class SchedulerClient:
                     continue
                 self._dispatch(message)
         finally:
-            hello.cancel()
+            for task in helpers:
+                task.cancel()
+
+    async def _watch_scheduler(self, interval: float = 2.0, misses_allowed: int = 3) -> None:
+        """Fail in-flight requests when the scheduler stops answering pings, rather than leave them hanging."""
+        await self.ready.wait()
+        misses = 0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.ping(timeout=interval)
+                if misses >= misses_allowed:
+                    log.info("scheduler answers again")
+                misses = 0
+            except TimeoutError:
+                misses += 1
+                if misses == misses_allowed:
+                    self.scheduler_lost()
+
+    def scheduler_lost(self) -> None:
+        lost = list(self.generations.values())
+        log.error("scheduler at %s stopped answering; failing %d in-flight request(s)", self.endpoint, len(lost))
+        for generation in lost:
+            generation.fail("lost connection to the scheduler")
+            self.pool.close(generation.request_id)
+        self.generations.clear()
+        if lost:
+            # Queued on the socket: should the scheduler come back, it frees their batch slots.
+            self._send(Cancel([g.request_id for g in lost]))
 
     async def _hello_until_ready(self) -> None:
         while not self.ready.is_set():
