@@ -30,6 +30,7 @@ from services.worker.weights import ModelNotFoundError, resolve_model_path
 
 log = logging.getLogger("bench")
 
+CONNECT_TIMEOUT_S = 30
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -103,7 +104,10 @@ def open_channel(address: str, args: argparse.Namespace) -> grpc.aio.Channel:
 async def drive_server(address: str, args: argparse.Namespace) -> list[LevelRun]:
     """Build prompts with the server's tokenizer, warm the server up, then run every concurrency level."""
     async with open_channel(address, args) as channel:
-        await asyncio.wait_for(channel.channel_ready(), timeout=60)
+        try:
+            await asyncio.wait_for(channel.channel_ready(), timeout=CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            raise TimeoutError(f"no gRPC server answered at {address} in {CONNECT_TIMEOUT_S} s") from None
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         factory = PromptFactory(stub, args.input_tokens, seed=args.seed)
         await factory.calibrate()

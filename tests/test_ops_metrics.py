@@ -268,3 +268,71 @@ def test_metrics_content_type(pipeline):
 
     with urllib.request.urlopen(f"http://127.0.0.1:{pipeline.http_port}/metrics", timeout=10) as r:
         assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+
+
+def test_deadline_passing_in_the_queue_counts_as_timeout(pipeline, traffic):
+    """A full batch keeps a request queued past its time limit: TIME_LIMIT, 0 tokens, err="timeout"."""
+    import asyncio
+
+    async def run():
+        channel, stub = pipeline.aio_stub()
+        async with channel:
+            full = [asyncio.ensure_future(stub.Generate(batch(f"filler {i}", n=100), timeout=60))
+                    for i in range(MAX_BATCH)]
+            loop = asyncio.get_running_loop()
+            deadline = time.monotonic() + 30
+            while await loop.run_in_executor(None, pipeline.metric, "tgi_batch_current_size") < MAX_BATCH:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            late = batch("late", n=5)
+            late.params.stopping.time_limit_millis = 50
+            response = (await stub.Generate(late, timeout=60)).responses[0]
+            await asyncio.gather(*full)
+            return response
+
+    response = asyncio.run(run())
+    assert (response.generated_token_count, response.stop_reason, response.text) == (0, pb.TIME_LIMIT, "")
+    after = Scrape(pipeline.metrics())
+    assert after.get("tgi_request_failure", err="timeout") == 1
+    assert after.get("tgi_request_success", stop_reason="TIME_LIMIT", kind="single") == 1
+
+
+# --------------------------------------------------------------------------- without a pipeline
+
+
+def test_render_writes_counters_twice_and_no_created_series():
+    from services.gateway.metrics import GatewayMetrics
+
+    m = GatewayMetrics(256, 128, 4)
+    m.request_count.labels("single").inc(3)
+    m.request_success.labels("EOS_TOKEN", "stream").inc()
+    m.request_duration.observe(0.5)
+    scrape = Scrape(m.render().decode())
+    assert scrape.types["tgi_request_count"] == scrape.types["tgi_request_count_total"] == "counter"
+    assert scrape.get("tgi_request_count", kind="single") == scrape.get("tgi_request_count_total", kind="single") == 3
+    assert 'tgi_request_success{kind="stream",stop_reason="EOS_TOKEN"} 1.0' in scrape.text
+    assert scrape.get("tgi_request_duration_count") == 1 and scrape.get("tgi_request_duration_sum") == 0.5
+    assert "_created" not in scrape.text
+
+
+def test_step_failures_and_queue_timeouts_are_counted_as_tgis_does():
+    from types import SimpleNamespace
+
+    from services.gateway.metrics import GatewayMetrics, NullMetrics
+
+    m = GatewayMetrics(256, 128, 4)
+    running, new = SimpleNamespace(first_token_at=1.0), SimpleNamespace(first_token_at=None)
+    m.record_step_failure("GPU out of memory", [running])
+    m.record_step_failure("worker rank 1 stopped responding", [running, new])
+    m.record_step_failure("boom", [running])
+    m.record_step_failure("lost connection to the scheduler", [])  # nothing was in flight
+    m.record_step_failure("model not loaded", [new])  # not a forward pass
+    m.record_finished(new)  # ended without a token: its deadline passed in the queue
+    m.record_finished(running)
+    s = Scrape(m.render().decode())
+    assert s.get("tgi_batch_inference_failure", method="next_token", reason="oom") == 1
+    assert s.get("tgi_batch_inference_failure", method="prefill", reason="connection") == 1
+    assert s.get("tgi_batch_inference_failure", method="next_token", reason="error") == 1
+    assert s.get("tgi_batch_inference_count") == 3 and s.get("tgi_batch_inference_success") == 0
+    assert s.get("tgi_request_failure", err="timeout") == 1
+    NullMetrics().request_failure.labels("x").inc()  # records nothing, raises nothing

@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 import zmq.asyncio
@@ -34,7 +35,7 @@ SERVICE_NAME = "fmaas.GenerationService"
 DRAINING_MESSAGE = "Server is shutting down"
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     """A start-up error: logged (so it reaches the launcher's log) and exit status 1."""
     log.error(message)
     raise SystemExit(1)
@@ -54,7 +55,6 @@ def _load_pem(path: str, name: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as exc:
         _fail(f"couldn't load {name} from {path}: {exc}")
-        raise  # not reached
 
 
 def tls_credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:

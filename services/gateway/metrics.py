@@ -49,7 +49,7 @@ def failure_reason(message: str) -> str:
     """TGIS's `reason` label of tgi_batch_inference_failure for a step failure message."""
     if message == "GPU out of memory":
         return "oom"
-    if "stopped responding" in message:
+    if "stopped responding" in message or "lost connection" in message:
         return "connection"
     return "error"
 

@@ -120,6 +120,7 @@ class SchedulerClient:
             generation.fail("lost connection to the scheduler")
             self.pool.close(generation.request_id)
         self.generations.clear()
+        self.on_failed("lost connection to the scheduler", lost)
         if lost:
             # Queued on the socket: should the scheduler come back, it frees their batch slots.
             self._send(Cancel([g.request_id for g in lost]))

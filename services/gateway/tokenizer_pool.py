@@ -124,7 +124,8 @@ class TokenizerPool:
         self._reassign_orphans()
 
     def _least_loaded(self) -> Member | None:
-        return min(self.members.values(), key=lambda m: m.load, default=None)
+        # Ties go to the member that has handled least, so light sequential traffic still spreads.
+        return min(self.members.values(), key=lambda m: (m.load, m.handled), default=None)
 
     def _reassign_orphans(self) -> None:
         for job_id, job in self.jobs.items():
