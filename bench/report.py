@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 COLUMNS = (
-    ("conc", 5), ("reqs", 5), ("req/s", 7), ("tok/s", 8),
+    ("conc", 5), ("reqs", 9), ("req/s", 7), ("tok/s", 8),
     ("TTFT p50/p90/p99 ms", 22), ("ITL p50/p90/p99 ms", 20), ("errors", 6),
     ("base tok/s", 10), ("ours/base", 9),
 )
