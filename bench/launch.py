@@ -45,9 +45,11 @@ def launcher_env() -> dict[str, str]:
 class LaunchedServer:
     """A launcher subprocess serving `model`; its output goes to a log file that is shown if it fails."""
 
-    def __init__(self, model: str, extra_args: list[str], log_path: Path | None = None, host: str = "localhost") -> None:
+    def __init__(self, model: str, extra_args: list[str], log_path: Path | None = None, host: str = "localhost",
+                 env: dict[str, str] | None = None) -> None:
         self.grpc_port, self.http_port = free_port(), free_port()
         self.host = host
+        self.env = {**launcher_env(), **(env or {})}
         self.log_path = log_path or Path(tempfile.mkdtemp(prefix="tgis-bench-")) / "launcher.log"
         self.argv = [*launcher_command(), "--model-name", model, "--port", str(self.http_port),
                      "--grpc-port", str(self.grpc_port), *extra_args]
@@ -63,26 +65,27 @@ class LaunchedServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log_file:
             # The child keeps its own copy of the file descriptor.
-            self.process = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT, env=launcher_env())
+            self.process = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"launcher exited with {self.process.returncode}:\n{self.log_tail()}")
-            if self.health() == 200:
+            if self.health()[0] == 200:
                 log.info("server healthy at %s", self.address)
                 return self
             time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"server not healthy after {timeout:.0f} s:\n{self.log_tail()}")
 
-    def health(self) -> int:
+    def health(self) -> tuple[int, str]:
+        """Status and body of GET /health (0 when nothing answers)."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health", timeout=60) as response:
-                return response.status
+                return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
-            return exc.code
+            return exc.code, exc.read().decode()
         except OSError:
-            return 0
+            return 0, ""
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (the launcher drains and stops its children), SIGKILL if it does not exit in `timeout`."""
