@@ -441,3 +441,13 @@ def test_output_special_tokens_keeps_them_but_never_the_trailing_eos(tiny_model_
         assert tok.decode(expected.ids, skip_special_tokens=False).endswith(tok.eos_token)
     finally:
         assert server.stop() == 0
+
+
+def test_correlation_id_is_logged(server):
+    server.stub.Generate(pb.BatchedGenerationRequest(
+        requests=[pb.GenerationRequest(text=PROMPT)], params=pb.Parameters(stopping=pb.StoppingCriteria(
+            max_new_tokens=2))), metadata=[("x-correlation-id", "corr-4711")])
+    deadline = time.monotonic() + 5
+    while "x-correlation-id=corr-4711" not in server.logs() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "x-correlation-id=corr-4711" in server.logs()

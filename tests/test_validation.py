@@ -144,3 +144,13 @@ def test_seeds_greedy_zero_explicit_kept_random_per_input():
     sampled = convert_and_validate(params(method=SAMPLE), LIMITS)
     seeds = {check_input(token_ids([1]), sampled, LIMITS).seed for _ in range(20)}
     assert len(seeds) > 1 and all(0 <= s <= 2**32 - 1 for s in seeds)
+
+
+def test_truncation_keeps_a_leading_bos_like_tgis_tokenizer():
+    bos_limits = Limits(200, 169, special_prefix=(1,))
+    v = convert_and_validate(params(truncate_input_tokens=3), bos_limits)
+    checked = check_input(token_ids([1, 10, 11, 12, 13]), v, bos_limits)
+    assert list(checked.input_ids) == [1, 12, 13] and checked.input_length == 3
+    # Without that prefix in the ids (or without a BOS-adding tokenizer) it is the plain last N.
+    assert list(check_input(token_ids([7, 10, 11, 12, 13]), v, bos_limits).input_ids) == [11, 12, 13]
+    assert list(check_input(token_ids([1, 10, 11, 12, 13]), v, LIMITS).input_ids) == [11, 12, 13]

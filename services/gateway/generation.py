@@ -69,6 +69,7 @@ class Generation:
     request_id: str
     params: ValidatedParams
     input: ValidatedInput
+    correlation_id: str = ""  # the caller's x-correlation-id, for logs
     received_at: float = field(default_factory=time.monotonic)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     details: dict[int, TokenDetail] = field(default_factory=dict)

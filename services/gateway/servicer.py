@@ -62,6 +62,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.default_include_stop_seqs = default_include_stop_seqs
         self.output_special_tokens = output_special_tokens
         self.draining = False
+        self._special_prefix: tuple[int, ...] | None = None
         self._ids = itertools.count()
         # Told of every generation's outcome (the health checker listens).
         self.on_generation_result: Callable[[bool], None] = lambda ok: None
@@ -73,7 +74,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.model.max_sequence_length, self.model.max_new_tokens, self.default_include_stop_seqs)
+        return Limits(self.model.max_sequence_length, self.model.max_new_tokens, self.default_include_stop_seqs,
+                      self._special_prefix or ())
+
+    async def _learn_special_prefix(self) -> None:
+        """Which special ids the tokenizer puts before every text (e.g. a BOS), asked once."""
+        if self._special_prefix is None:
+            empty, text = await self.pool.tokenize(["", "a"])
+            prefix = []
+            for a, b in zip(empty.ids, text.ids, strict=False):
+                if a != b:
+                    break
+                prefix.append(a)
+            self._special_prefix = tuple(prefix)
 
     # ------------------------------------------------------------------ shared steps
 
@@ -92,6 +105,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 raise ValidationError(
                     f"can't retrieve prompt prefix with id '{prefix_id}': prefix id \"{prefix_id}\" not found")
             try:
+                await self._learn_special_prefix()
                 encoded = await self.pool.tokenize(texts)
             except TokenizerFailed as exc:
                 raise ValidationError(f"tokenizer error {exc}") from exc
@@ -101,6 +115,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 inputs.append(check_input(tokenized.ids, params, self.limits))
         except ValidationError as exc:
             self.metrics.request_failure.labels("validation").inc()
+            log.info("refused a request: %s%s", exc,
+                     f" x-correlation-id={cid}" if (cid := _correlation_id(context)) else "")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except TokenizerUnavailable as exc:
             self.metrics.request_failure.labels("unknown").inc()
@@ -112,13 +128,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return params, inputs
 
     async def _start(self, params: ValidatedParams, inputs: list[ValidatedInput], received_at: float,
-                     stream: bool) -> list[Generation]:
+                     stream: bool, context) -> list[Generation]:
         """Open a detokenizer for each input and queue them all as one submission."""
         generations, requests = [], []
+        correlation_id = _correlation_id(context)
         for validated in inputs:
             request_id = f"{self.scheduler.gateway_id}-{next(self._ids)}"
             logits = _with_seed(params, validated.seed)
-            generation = Generation(request_id, params, validated)
+            generation = Generation(request_id, params, validated, correlation_id=correlation_id)
             detok = DetokParams(
                 params.stop_sequences, params.include_stop_sequence, not self.output_special_tokens,
                 self.model.eos_token_id, params.min_new_tokens, stream,
@@ -163,6 +180,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             m.time_to_first_token.observe(max(0.0, total - (now - generation.first_token_at)))
         for gap in generation.inter_token:
             m.inter_token_latency.observe(gap)
+        log.info("%s (%s) finished: %s, %d input + %d generated tokens, %.3f s (queued %.3f s)%s",
+                 generation.request_id, kind, event.stop_reason, generation.input.input_length, event.count, total,
+                 generation.queue_duration,
+                 f" x-correlation-id={generation.correlation_id}" if generation.correlation_id else "")
 
     # ------------------------------------------------------------------ RPCs
 
@@ -192,7 +213,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             prefix_id = request.prefix_id if request.HasField("prefix_id") else None
             params, inputs = await self._validate([r.text for r in request.requests], request.params, prefix_id,
                                                   received_at, context)
-            generations = await self._start(params, inputs, received_at, stream=False)
+            generations = await self._start(params, inputs, received_at, stream=False, context=context)
             try:
                 results = await asyncio.gather(*(self._collect(g, kind, received_at) for g in generations))
             except GenerationFailed as exc:
@@ -255,7 +276,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             if params.input_text:
                 first.text = request.request.text
             yield first
-            generations = await self._start(params, inputs, received_at, stream=True)
+            generations = await self._start(params, inputs, received_at, stream=True, context=context)
             generation = generations[0]
             while True:
                 event = await generation.events.get()
@@ -319,6 +340,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         kind = pb.ModelInfoResponse.ENCODER_DECODER if model.encoder_decoder else pb.ModelInfoResponse.DECODER_ONLY
         return pb.ModelInfoResponse(model_kind=kind, max_sequence_length=model.max_sequence_length,
                                     max_new_tokens=model.max_new_tokens)
+
+
+def _correlation_id(context) -> str:
+    """The caller's x-correlation-id metadata (logged, as TGIS does; otherwise unused)."""
+    metadata = getattr(context, "invocation_metadata", lambda: None)() or ()
+    return next((value for key, value in metadata if key == "x-correlation-id"), "")
 
 
 def _with_seed(params: ValidatedParams, seed: int):

@@ -33,6 +33,8 @@ class Limits:
     max_sequence_length: int
     max_new_tokens: int  # effective: already lowered to max_sequence_length - 1
     default_include_stop_seqs: bool = True
+    # Special tokens the tokenizer puts before every text (a BOS): truncation keeps them in front.
+    special_prefix: tuple[int, ...] = ()
 
 
 @dataclass
@@ -140,13 +142,20 @@ def convert_and_validate(params: pb.Parameters | None, limits: Limits, received_
     )
 
 
+def _truncate(ids: TokenIds, keep: int, special_prefix: tuple[int, ...]) -> TokenIds:
+    """Keep the last `keep` tokens; like TGIS's left-truncating HF tokenizer, a leading BOS stays in front."""
+    prefix = special_prefix if tuple(ids[: len(special_prefix)]) == special_prefix else ()
+    body = max(keep - len(prefix), 0)
+    return token_ids([*prefix, *ids[len(ids) - body:]]) if prefix else ids[len(ids) - keep:]
+
+
 def check_input(ids: TokenIds, params: ValidatedParams, limits: Limits, prefix_length: int = 0) -> ValidatedInput:
     """TGIS checks 14-15 for one tokenized input, then truncation, TOKEN_LIMIT lowering and the seed."""
     input_ids = token_ids(ids)
     input_length = len(input_ids)
     if 0 < params.truncate_input_tokens < input_length:
         input_length = params.truncate_input_tokens
-        input_ids = input_ids[-input_length:]  # keep the last N tokens
+        input_ids = _truncate(input_ids, input_length, limits.special_prefix)
     total = input_length + prefix_length
     if total >= limits.max_sequence_length:
         raise ValidationError(
