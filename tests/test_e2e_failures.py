@@ -39,3 +39,27 @@ def test_unresponsive_scheduler_fails_requests_then_service_recovers(tiny_model_
     finally:
         os.kill(scheduler, signal.SIGCONT)
         assert pipeline.stop() == 0, pipeline.logs()
+
+
+def test_unresponsive_worker_fails_requests_and_stops_the_group(tiny_model_path, tmp_path):
+    pipeline = Pipeline(tiny_model_path, tmp_path, "--max-sequence-length", "256",
+                        env={"WORKER_TIMEOUT_S": "2"}).start()
+    (worker,) = pipeline.child_pids("services.worker.main")
+    try:
+        request = pb.SingleGenerationRequest(
+            request=pb.GenerationRequest(text="hello"),
+            params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=200, min_new_tokens=200)))
+        stream = pipeline.stub.GenerateStream(request, timeout=60)
+        next(stream)
+        os.kill(worker, signal.SIGSTOP)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream)
+        assert info.value.code() == grpc.StatusCode.UNKNOWN
+        assert info.value.details() == "Request failed during generation: worker rank 0 stopped responding"
+        assert pipeline.health()[0] == 503
+        os.kill(worker, signal.SIGCONT)  # it wakes up, reads the Shutdown, and the launcher reports it
+        assert pipeline.process.wait(30) == 1
+        assert "worker-0 exited unexpectedly" in pipeline.logs()
+    finally:
+        os.kill(worker, signal.SIGCONT) if pipeline.process.poll() is None else None
+        pipeline.stop()

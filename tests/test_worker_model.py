@@ -51,10 +51,10 @@ def test_prefill_logits_match_transformers(variant_path):
     model, ref = load_model(variant_path, torch.float32, CPU), _reference(variant_path)
     ids = torch.randint(0, model.args.vocab_size, (37,), generator=torch.Generator().manual_seed(0))
     cache = _new_cache(model)
-    logits = model.prefill(ids, cache, slot=2, all_logits=True)
+    logits = model.prefill([ids], cache, 2, [True])[0]
     expected = _ref_logits(ref, ids.tolist())
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
-    last = model.prefill(ids, cache, slot=0, all_logits=False)
+    last = model.prefill([ids], cache, 0, [False])[0]
     torch.testing.assert_close(last, expected[-1:], atol=1e-4, rtol=0)
 
 
@@ -68,7 +68,7 @@ def test_decode_with_joins_leaves_and_cache_growth(tiny_model_path):
     def join(length: int) -> None:
         ids = torch.randint(0, 1000, (length,), generator=gen)
         cache.ensure_capacity(length)
-        logits = model.prefill(ids, cache, slot=len(running), all_logits=False)
+        logits = model.prefill([ids], cache, len(running), [False])[0]
         running.append([*ids.tolist(), int(logits.argmax())])
 
     def leave(slot: int) -> None:
@@ -108,7 +108,8 @@ def test_sharded_checkpoint_loads(tiny_model_path, tmp_path):
     ids = torch.arange(1, 9)
     sharded = load_model(tmp_path, torch.float32, CPU)
     single = load_model(tiny_model_path, torch.float32, CPU)
-    assert torch.equal(sharded.prefill(ids, _new_cache(sharded), 0, True), single.prefill(ids, _new_cache(single), 0, True))
+    assert torch.equal(sharded.prefill([ids], _new_cache(sharded), 0, [True])[0],
+                       single.prefill([ids], _new_cache(single), 0, [True])[0])
 
 
 def test_unsupported_rope_is_a_clear_error():
@@ -124,7 +125,7 @@ def _tp_rank(rank: int, world_size: int, path: Path, init_file: Path, out: Path)
         torch.set_num_threads(1)
         model = load_model(path, torch.float32, CPU, rank, world_size)
         cache = _new_cache(model, world_size=world_size)
-        prefill = torch.cat([model.prefill(torch.arange(1, 6 + i), cache, i, True) for i in range(2)])
+        prefill = torch.cat(model.prefill([torch.arange(1, 6), torch.arange(1, 7)], cache, 0, [True, True]))
         decode = model.decode(torch.tensor([7, 8]), torch.tensor([5, 6]), cache)
         torch.save({"prefill": prefill, "decode": decode}, out / f"rank{rank}.pt")
     finally:
@@ -138,7 +139,7 @@ def test_tensor_parallel_matches_single_rank(tmp_path, demo_model_path, monkeypa
     mp.spawn(_tp_rank, args=(2, path, tmp_path / "rendezvous", tmp_path), nprocs=2, join=True)
     model = load_model(path, torch.float32, CPU)
     cache = _new_cache(model)
-    prefill = torch.cat([model.prefill(torch.arange(1, 6 + i), cache, i, True) for i in range(2)])
+    prefill = torch.cat(model.prefill([torch.arange(1, 6), torch.arange(1, 7)], cache, 0, [True, True]))
     decode = model.decode(torch.tensor([7, 8]), torch.tensor([5, 6]), cache)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")

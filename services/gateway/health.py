@@ -65,9 +65,12 @@ class HealthChecker:
             return False, "no tokenizer in the pool"
         try:
             async with self._lock:
+                # The ping answers at once when the workers are gone; a probe would only wait in the queue.
+                pong = await servicer.scheduler.ping(timeout=min(5.0, self.timeout))
+                if not pong.workers_ready:
+                    return False, "workers not ready"
                 if self.last_generation_ok:
-                    pong = await servicer.scheduler.ping(timeout=min(5.0, self.timeout))
-                    return (True, "") if pong.workers_ready else (False, "workers not ready")
+                    return True, ""
                 await asyncio.wait_for(self._probe(), self.timeout)
                 self.last_generation_ok = True
                 return True, ""

@@ -105,12 +105,17 @@ class SchedulerProcess:
     def _check_worker_liveness(self) -> None:
         now = time.monotonic()
         lost = [r for r, seen in self.last_seen.items() if now - seen > self.config.worker_timeout]
-        for rank in lost:
-            log.error("worker rank %d sent no heartbeat for %.0f s: declaring it lost", rank, self.config.worker_timeout)
-            del self.last_seen[rank]
-            self.ready_ranks.pop(rank, None)
-        if lost and self.batcher is not None:
+        if not lost:
+            return
+        log.error("worker rank(s) %s sent no heartbeat for %.0f s: declaring the worker group lost",
+                  lost, self.config.worker_timeout)
+        if self.batcher is not None:
             self._fail_running(f"worker rank {lost[0]} stopped responding")
+        # The other ranks cannot go on without it, and a rank that wakes up holds a stale batch: stop them all,
+        # so their supervisor (launcher, Kubernetes) restarts the group and the ranks join again from scratch.
+        send(self.steps_out, Shutdown(f"worker rank {lost[0]} lost"))
+        self.last_seen.clear()
+        self.ready_ranks.clear()
 
     def _fail_running(self, message: str) -> None:
         assert self.batcher is not None

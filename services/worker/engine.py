@@ -2,7 +2,9 @@
 
 No sockets here: `main.py` feeds it steps.  Sequences occupy KV cache slots
 0..B-1 in the order of `self.sequences`; removing one moves the last into its
-slot so the batch stays contiguous.
+slot so the batch stays contiguous.  A step's new sequences are prefilled
+together, in as few forward passes as `max_prefill_tokens` allows, and their
+first tokens chosen in one vectorized call.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ MAX_LENGTH_KEYS = (
     "max_sequence_length", "max_seq_length", "seq_len",
 )
 DEFAULT_MAX_SEQUENCE_LENGTH = 2048
+# Padded tokens (sequences x longest prompt) per prefill forward pass; a longer prompt still runs, alone.
+DEFAULT_MAX_PREFILL_TOKENS = 4096
 
 
 def resolve_device(name: str, rank: int = 0) -> torch.device:
@@ -117,6 +121,7 @@ class Engine:
         # Which ids each slot's prompt and output hold, for the repetition penalty.
         self.seen = torch.zeros(config.max_batch_size, self.vocab_size, dtype=torch.bool, device=self.device)
         self.sequences: list[Sequence] = []
+        self.max_prefill_tokens = DEFAULT_MAX_PREFILL_TOKENS
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(
@@ -137,7 +142,7 @@ class Engine:
         if step.decode and running:
             self._check_decode(running)
         started = time.perf_counter_ns()
-        outputs = [self._prefill(new) for new in step.add]
+        outputs = [output for chunk in self._prefill_chunks(step.add) for output in self._prefill(chunk)]
         if step.decode and running:
             outputs += self._decode(running)
         return StepResult(step_id=step.step_id, outputs=outputs, forward_ns=time.perf_counter_ns() - started)
@@ -179,24 +184,42 @@ class Engine:
             self.sequences[slot] = moved
         self.sequences.pop()
 
-    def _prefill(self, new: NewSequence) -> SequenceOutput:
-        slot, params = len(self.sequences), new.logits
-        ids = torch.frombuffer(token_ids(new.input_ids), dtype=torch.int32).to(self.device, torch.long)
-        self.cache.ensure_capacity(len(ids))
-        logits = self.model.prefill(ids, self.cache, slot, all_logits=params.input_details)
-        self.seen[slot] = False
-        self.seen[slot, ids] = True
-        seq = Sequence(new.request_id, params, make_generator(params, self.device), len(ids), -1, 0)
-        batch = BatchParams.build([params], self.device)
-        generated = torch.zeros(1, dtype=torch.long, device=self.device)
-        # The last row is processed in place; input details only read the rows before it.
-        scores = process(logits[-1:], batch, generated, self.seen[slot : slot + 1], self.eos_id, self.pad_id)
-        seq.last_token = int(choose(scores, batch, [seq.generator])[0])
-        self.seen[slot, seq.last_token] = True
-        seq.generated = 1
-        self.sequences.append(seq)
-        details = input_details(params, logits, ids) if params.input_details else None
-        return SequenceOutput(new.request_id, token_detail(params, scores[0], seq.last_token), details)
+    def _prefill_chunks(self, new: list[NewSequence]) -> list[list[NewSequence]]:
+        """`new` in order, cut so each run's padded size (sequences x longest prompt) fits max_prefill_tokens."""
+        chunks: list[list[NewSequence]] = []
+        width = 0
+        for seq in new:
+            width = max(width, len(seq.input_ids))
+            if not chunks or width * (len(chunks[-1]) + 1) > self.max_prefill_tokens:
+                chunks.append([])
+                width = len(seq.input_ids)
+            chunks[-1].append(seq)
+        return chunks
+
+    def _prefill(self, new: list[NewSequence]) -> list[SequenceOutput]:
+        """Prefill `new` into the next slots in one forward pass and choose each one's first token."""
+        first, params = len(self.sequences), [seq.logits for seq in new]
+        ids = [torch.frombuffer(token_ids(seq.input_ids), dtype=torch.int32).to(self.device, torch.long)
+               for seq in new]
+        self.cache.ensure_capacity(max(len(i) for i in ids))
+        logits = self.model.prefill(ids, self.cache, first, [p.input_details for p in params])
+        slots = torch.arange(first, first + len(new), device=self.device)
+        self.seen[slots] = False
+        self.seen[slots.repeat_interleave(torch.tensor([len(i) for i in ids], device=self.device)), torch.cat(ids)] = True
+        batch = BatchParams.build(params, self.device)
+        generators = [make_generator(p, self.device) for p in params]
+        generated = torch.zeros(len(new), dtype=torch.long, device=self.device)
+        # Stacking copies the last rows, so processing them in place leaves the raw logits to input details.
+        scores = process(torch.stack([rows[-1] for rows in logits]), batch, generated, self.seen[slots],
+                         self.eos_id, self.pad_id)
+        tokens = choose(scores, batch, generators)
+        self.seen[slots, tokens] = True
+        outputs = []
+        for row, (seq, token) in enumerate(zip(new, tokens.tolist(), strict=True)):
+            self.sequences.append(Sequence(seq.request_id, seq.logits, generators[row], len(ids[row]), token, 1))
+            details = input_details(seq.logits, logits[row], ids[row]) if seq.logits.input_details else None
+            outputs.append(SequenceOutput(seq.request_id, token_detail(seq.logits, scores[row], token), details))
+        return outputs
 
     def _decode(self, running: int) -> list[SequenceOutput]:
         seqs = self.sequences[:running]

@@ -2,7 +2,9 @@
 
 Running sequences occupy cache slots 0..B-1 contiguously, so a decode step
 attends over plain views `k[:B, :, :Lmax]` with a length mask, never a gather.
-Prefill runs one sequence at a time into its slot.  Under tensor parallelism
+Prefill packs several sequences into one forward pass: the projections run on
+the packed tokens, attention on a right-padded [sequences, longest] copy with a
+plain causal mask, written straight into consecutive slots.  Under tensor parallelism
 q/k/v/gate/up are split by output rows (whole heads), o_proj/down_proj by input
 columns followed by an all-reduce; embeddings, norms and lm_head are replicated.
 """
@@ -137,14 +139,40 @@ class KVCache:
 
 
 @dataclass
+class Packing:
+    """Where the N tokens of a packed prefill sit in the right-padded [rows, width] layout attention runs on.
+
+    Padding sits after each sequence's tokens, so a causal mask alone keeps every
+    real query away from it (padded queries attend to something finite and are dropped).
+    """
+
+    index: torch.Tensor  # [N] flat position of each packed token in rows * width
+    rows: int
+    width: int
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[1, heads, N, dim] -> [rows, heads, width, dim], zeros in the padding."""
+        heads, dim = x.shape[1], x.shape[3]
+        out = x.new_zeros(self.rows * self.width, heads, dim)
+        out[self.index] = x[0].transpose(0, 1)
+        return out.view(self.rows, self.width, heads, dim).transpose(1, 2)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, heads, width, dim] -> [1, N, heads * dim]."""
+        rows, heads, width, dim = x.shape
+        return x.transpose(1, 2).reshape(rows * width, heads * dim)[self.index][None]
+
+
+@dataclass
 class Context:
     """What every layer of one forward pass shares: rotary tables, where K/V go, what the queries attend to."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     cache: KVCache
-    index: tuple  # K/V destination: (slot slice, :, 0..T) in prefill, (slots, :, lengths) in decode
-    mask: torch.Tensor | None  # decode: [B, 1, 1, Lmax], True where a key exists; None: causal prefill
+    index: tuple  # K/V destination: (slot slice, :, 0..width) in prefill, (slots, :, lengths) in decode
+    mask: torch.Tensor | None  # decode: [B, 1, 1, Lmax], True where a key exists
+    packing: Packing | None  # prefill
 
 
 class Attention(nn.Module):
@@ -171,17 +199,18 @@ class Attention(nn.Module):
         q = q * ctx.cos + rotate_half(q) * ctx.sin
         k = k * ctx.cos + rotate_half(k) * ctx.sin
         k_cache, v_cache = ctx.cache.k[self.layer], ctx.cache.v[self.layer]
-        if ctx.mask is None:
+        if ctx.packing is not None:
+            q, k, v = (ctx.packing.pad(part) for part in (q, k, v))
             k_cache[ctx.index], v_cache[ctx.index] = k, v
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = ctx.packing.unpad(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
         else:
             k_cache[ctx.index], v_cache[ctx.index] = k[:, :, 0], v[:, :, 0]
             span = ctx.mask.shape[-1]
             out = F.scaled_dot_product_attention(
                 q, k_cache[:b, :, :span], v_cache[:b, :, :span], attn_mask=ctx.mask, enable_gqa=True
             )
-        out = self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-        return _reduce(out, self.o_bias, self.world_size, self.group)
+            out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        return _reduce(self.o_proj(out), self.o_bias, self.world_size, self.group)
 
 
 class MLP(nn.Module):
@@ -245,23 +274,35 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, index: tuple,
-             mask: torch.Tensor | None) -> torch.Tensor:
+             mask: torch.Tensor | None, packing: Packing | None) -> torch.Tensor:
         """input_ids/positions: [B, T] -> final hidden states [B, T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        ctx = Context(emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None], cache, index, mask)
+        ctx = Context(emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None], cache, index, mask, packing)
         for layer in self.model.layers:
             x = layer(x, ctx)
         return self.model.norm(x)
 
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor, cache: KVCache, slot: int, all_logits: bool) -> torch.Tensor:
-        """Run one sequence [T] into cache slot `slot`; float32 logits [T, vocab] (or [1, vocab] for the last)."""
-        t = input_ids.shape[0]
-        positions = torch.arange(t, device=input_ids.device)[None]
-        h = self._run(input_ids[None], positions, cache, (slice(slot, slot + 1), slice(None), slice(0, t)), None)
-        return self.lm_head(h[0] if all_logits else h[0, -1:]).float()
+    def prefill(self, sequences: list[torch.Tensor], cache: KVCache, slot: int,
+                all_logits: list[bool]) -> list[torch.Tensor]:
+        """Run sequences (1-D ids) in one pass into slots slot, slot + 1, ...; float32 logits per sequence.
+
+        A sequence's logits are [T, vocab] where its `all_logits` is set, else [1, vocab] for its last token.
+        """
+        device = sequences[0].device
+        lengths = torch.tensor([s.shape[0] for s in sequences], device=device)
+        total, width = int(lengths.sum()), int(lengths.max())
+        rows = torch.repeat_interleave(torch.arange(len(sequences), device=device), lengths, output_size=total)
+        positions = torch.arange(total, device=device) - (lengths.cumsum(0) - lengths)[rows]
+        packing = Packing(rows * width + positions, len(sequences), width)
+        index = (slice(slot, slot + len(sequences)), slice(None), slice(0, width))
+        h = self._run(torch.cat(sequences)[None], positions[None], cache, index, None, packing)[0]
+        everything = torch.tensor(all_logits, device=device)
+        keep = everything[rows] | (positions == (lengths - 1)[rows])
+        counts = [s.shape[0] if full else 1 for s, full in zip(sequences, all_logits, strict=True)]
+        return list(self.lm_head(h[keep]).float().split(counts))
 
     @torch.inference_mode()
     def decode(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -269,7 +310,7 @@ class LlamaForCausalLM(nn.Module):
         span = torch.arange(int(lengths.max()) + 1, device=lengths.device)
         mask = (span[None] <= lengths[:, None])[:, None, None]
         slots = torch.arange(input_ids.shape[0], device=input_ids.device)
-        h = self._run(input_ids[:, None], lengths[:, None], cache, (slots, slice(None), lengths), mask)
+        h = self._run(input_ids[:, None], lengths[:, None], cache, (slots, slice(None), lengths), mask, None)
         return self.lm_head(h[:, 0]).float()
 
 
