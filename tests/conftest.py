@@ -14,7 +14,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 @pytest.fixture(scope="session")
 def demo_model_path() -> Path:
     """The real SmolLM2-135M-Instruct snapshot folder (installed into the HF cache if missing)."""
-    from services.worker.weights import install_demo_model
+    from services.worker.demo_model import install_demo_model
 
     return install_demo_model()
 

@@ -13,20 +13,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from services import server_cli
-from services.worker import weights
+from services.common.model_path import DEMO_MODEL, ModelNotFoundError, hub_cache_dir, resolve_model_path
+from services.worker import demo_model
+from services.worker.demo_model import DemoModelError, install_demo_model
 from services.worker.weights import (
-    DEMO_MODEL,
-    DemoModelError,
     HubUnreachableError,
-    ModelNotFoundError,
     WeightsConversionError,
     convert_to_safetensors,
     download_weights,
     filter_hub_files,
-    hub_cache_dir,
-    install_demo_model,
     requested_extensions,
-    resolve_model_path,
     shared_tensor_aliases,
 )
 
@@ -326,7 +322,7 @@ def test_cli_install_demo_model_uses_cache_dir(
     quiet_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     calls = []
-    monkeypatch.setattr(weights, "install_demo_model", lambda cache_dir, force: calls.append((cache_dir, force)) or tmp_path)
+    monkeypatch.setattr(demo_model, "install_demo_model", lambda cache_dir, force: calls.append((cache_dir, force)) or tmp_path)
     assert server_cli.main(["install-demo-model", "--cache-dir", str(tmp_path), "--force"]) == 0
     assert calls == [(tmp_path, True)]
     assert capsys.readouterr().out == f"{tmp_path}\n"

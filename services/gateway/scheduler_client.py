@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 
@@ -183,7 +185,5 @@ class SchedulerClient:
 
 
 def make_gateway_id() -> str:
-    import os
-    import socket
-
+    """Unique per gateway process; prefixes its request ids."""
     return f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"

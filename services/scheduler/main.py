@@ -199,14 +199,12 @@ class SchedulerProcess:
 
     def _receive(self, timeout_ms: int) -> None:
         for sock, _ in self.poller.poll(timeout_ms):
-            while True:
+            while sock.poll(0):
                 try:
-                    peer, message = recv_from(sock) if sock.poll(0) else (None, None)
+                    peer, message = recv_from(sock)
                 except ProtocolError as exc:
                     log.warning("dropping bad message: %s", exc)
                     continue
-                if peer is None:
-                    break
                 if sock is self.gateways:
                     self._on_gateway(peer, message)
                 else:

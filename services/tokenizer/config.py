@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import knob
-from services.worker.config import DEMO_MODEL
+from services.common.model_path import DEMO_MODEL
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from services.common.codec import encode
 from services.common.config import parse_config
 from services.common.logs import setup_logging
+from services.common.model_path import resolve_model_path
 from services.common.protocol import (
     DetokClose,
     DetokDelta,
@@ -33,7 +34,6 @@ from services.common.zmq_io import make_socket, recv
 from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.detokenizer import Detokenizer, TextDecoder
 from services.tokenizer.encoding import is_encoder_decoder, load_tokenizer, tokenize
-from services.worker.weights import resolve_model_path
 
 logger = logging.getLogger(__name__)
 

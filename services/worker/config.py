@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import knob
-
-DEMO_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from services.common.model_path import DEMO_MODEL
 
 
 @dataclass(frozen=True)

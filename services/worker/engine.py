@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from services.common.model_path import resolve_model_path
 from services.common.protocol import (
     LogitsParams,
     ModelInfo,
@@ -30,7 +31,6 @@ from services.common.protocol import (
 from services.worker.config import WorkerConfig
 from services.worker.model import KVCache, load_model
 from services.worker.sampling import BatchParams, choose, input_details, make_generator, process, token_detail
-from services.worker.weights import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
