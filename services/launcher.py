@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,6 +134,7 @@ class Launcher:
     def __init__(self, config: LauncherConfig, environ: dict[str, str]) -> None:
         self.config = config
         self.num_shard = resolve_num_shard(config, environ)
+        self.own_ipc_dir = config.ipc_dir is None  # a temp folder of ours is removed at the end
         self.ipc_dir = Path(config.ipc_dir or tempfile.mkdtemp(prefix="tgis-pipeline-"))
         self.ipc_dir.mkdir(parents=True, exist_ok=True)
         self.env = self._child_env(environ)
@@ -220,6 +222,8 @@ class Launcher:
                 self._wait(child, gateway_grace)
         for child in order:
             self._wait(child, 8)
+        if self.own_ipc_dir:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
     @staticmethod
     def _wait(child: Child, timeout: float) -> None:
