@@ -12,9 +12,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from services.common.protocol import LogitsParams, NewSequence, Step, token_ids
+from services.worker.checkpoint import load_model
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine, model_max_length, resolve_dtype
-from services.worker.model import KVCache, ModelArgs, load_model, rope_inv_freq
+from services.worker.model import KVCache, ModelArgs, rope_inv_freq
 from tests.conftest import build_tiny_llama
 
 CPU = torch.device("cpu")

@@ -10,9 +10,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from services.common.protocol import LogitsParams, NewSequence, SequenceOutput, Step, TokenDetail, token_ids
+from services.worker.checkpoint import load_model
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
-from services.worker.model import KVCache, load_model
+from services.worker.model import KVCache
 
 CPU = torch.device("cpu")
 LENGTHS = [5, 1, 17, 40, 3, 8]
@@ -55,7 +56,7 @@ def test_packed_prefill_matches_one_by_one_and_transformers(tiny_model_path):
             torch.testing.assert_close(packed_cache[1 + i, :, :length], alone_cache[1 + i, :, :length],
                                        atol=1e-5, rtol=0)
     assert not caches[0].k[0][0].any()
-    # Decoding on top of the packed caches (padding written past the shorter prompts) matches too.
+    # Decoding on top of the packed prefill's caches matches too.
     lengths = torch.tensor([0, *LENGTHS])
     last = torch.tensor([0] + [int(logits[-1].argmax()) for logits in packed])
     decoded = [model.decode(last, lengths, cache)[1:] for cache in caches]

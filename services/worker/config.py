@@ -16,6 +16,7 @@ class WorkerConfig:
     max_sequence_length: int | None = knob(None, "MAX_SEQUENCE_LENGTH", "max input + output tokens (default: model config, else 2048)")
     max_new_tokens: int = knob(1024, "MAX_NEW_TOKENS", "max generated tokens per request (lowered to max_sequence_length - 1)")
     max_batch_size: int = knob(12, "MAX_BATCH_SIZE", "max sequences in the running batch (KV cache slots)")
+    max_prefill_tokens: int = knob(4096, "MAX_PREFILL_TOKENS", "prompt tokens per prefill forward pass (a longer prompt runs alone)")
     device: str = knob("auto", "WORKER_DEVICE", "torch device: auto, cpu, cuda, cuda:N (auto: cuda:LOCAL_RANK if available)")
     rank: int = knob(0, "RANK", "this process's rank in the model replica")
     world_size: int = knob(1, "WORLD_SIZE", "ranks in the model replica (tensor parallel degree)")

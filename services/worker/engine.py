@@ -28,8 +28,9 @@ from services.common.protocol import (
     StepResult,
     token_ids,
 )
+from services.worker.checkpoint import load_model
 from services.worker.config import WorkerConfig
-from services.worker.model import KVCache, load_model
+from services.worker.model import KVCache
 from services.worker.sampling import BatchParams, choose, input_details, make_generator, process, token_detail
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,6 @@ MAX_LENGTH_KEYS = (
     "max_sequence_length", "max_seq_length", "seq_len",
 )
 DEFAULT_MAX_SEQUENCE_LENGTH = 2048
-# Padded tokens (sequences x longest prompt) per prefill forward pass; a longer prompt still runs, alone.
-DEFAULT_MAX_PREFILL_TOKENS = 4096
 
 
 def resolve_device(name: str, rank: int = 0) -> torch.device:
@@ -121,7 +120,7 @@ class Engine:
         # Which ids each slot's prompt and output hold, for the repetition penalty.
         self.seen = torch.zeros(config.max_batch_size, self.vocab_size, dtype=torch.bool, device=self.device)
         self.sequences: list[Sequence] = []
-        self.max_prefill_tokens = DEFAULT_MAX_PREFILL_TOKENS
+        self.max_prefill_tokens = config.max_prefill_tokens
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(
@@ -185,15 +184,15 @@ class Engine:
         self.sequences.pop()
 
     def _prefill_chunks(self, new: list[NewSequence]) -> list[list[NewSequence]]:
-        """`new` in order, cut so each run's padded size (sequences x longest prompt) fits max_prefill_tokens."""
+        """`new` in order, cut into runs of at most max_prefill_tokens prompt tokens (a longer prompt runs alone)."""
         chunks: list[list[NewSequence]] = []
-        width = 0
+        size = 0
         for seq in new:
-            width = max(width, len(seq.input_ids))
-            if not chunks or width * (len(chunks[-1]) + 1) > self.max_prefill_tokens:
+            if not chunks or size + len(seq.input_ids) > self.max_prefill_tokens:
                 chunks.append([])
-                width = len(seq.input_ids)
+                size = 0
             chunks[-1].append(seq)
+            size += len(seq.input_ids)
         return chunks
 
     def _prefill(self, new: list[NewSequence]) -> list[SequenceOutput]:
@@ -204,8 +203,9 @@ class Engine:
         self.cache.ensure_capacity(max(len(i) for i in ids))
         logits = self.model.prefill(ids, self.cache, first, [p.input_details for p in params])
         slots = torch.arange(first, first + len(new), device=self.device)
+        lengths = torch.tensor([len(i) for i in ids], device=self.device)
         self.seen[slots] = False
-        self.seen[slots.repeat_interleave(torch.tensor([len(i) for i in ids], device=self.device)), torch.cat(ids)] = True
+        self.seen[slots.repeat_interleave(lengths), torch.cat(ids)] = True
         batch = BatchParams.build(params, self.device)
         generators = [make_generator(p, self.device) for p in params]
         generated = torch.zeros(len(new), dtype=torch.long, device=self.device)

@@ -2,23 +2,20 @@
 
 Running sequences occupy cache slots 0..B-1 contiguously, so a decode step
 attends over plain views `k[:B, :, :Lmax]` with a length mask, never a gather.
-Prefill packs several sequences into one forward pass: the projections run on
-the packed tokens, attention on a right-padded [sequences, longest] copy with a
-plain causal mask, written straight into consecutive slots.  Under tensor parallelism
-q/k/v/gate/up are split by output rows (whole heads), o_proj/down_proj by input
-columns followed by an all-reduce; embeddings, norms and lm_head are replicated.
+Prefill packs several sequences into one forward pass over all their tokens;
+only attention goes sequence by sequence (on CPU a right-padded batch costs far
+more on mixed lengths than the loop).  Under tensor parallelism q/k/v/gate/up
+are split by output rows (whole heads), o_proj/down_proj by input columns
+followed by an all-reduce; embeddings, norms and lm_head are replicated.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 
@@ -139,40 +136,15 @@ class KVCache:
 
 
 @dataclass
-class Packing:
-    """Where the N tokens of a packed prefill sit in the right-padded [rows, width] layout attention runs on.
-
-    Padding sits after each sequence's tokens, so a causal mask alone keeps every
-    real query away from it (padded queries attend to something finite and are dropped).
-    """
-
-    index: torch.Tensor  # [N] flat position of each packed token in rows * width
-    rows: int
-    width: int
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """[1, heads, N, dim] -> [rows, heads, width, dim], zeros in the padding."""
-        heads, dim = x.shape[1], x.shape[3]
-        out = x.new_zeros(self.rows * self.width, heads, dim)
-        out[self.index] = x[0].transpose(0, 1)
-        return out.view(self.rows, self.width, heads, dim).transpose(1, 2)
-
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """[rows, heads, width, dim] -> [1, N, heads * dim]."""
-        rows, heads, width, dim = x.shape
-        return x.transpose(1, 2).reshape(rows * width, heads * dim)[self.index][None]
-
-
-@dataclass
 class Context:
     """What every layer of one forward pass shares: rotary tables, where K/V go, what the queries attend to."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     cache: KVCache
-    index: tuple  # K/V destination: (slot slice, :, 0..width) in prefill, (slots, :, lengths) in decode
+    index: tuple  # K/V destination of each token: (slots, :, positions), [N] tensors
     mask: torch.Tensor | None  # decode: [B, 1, 1, Lmax], True where a key exists
-    packing: Packing | None  # prefill
+    lengths: list[int] | None  # prefill: token counts of the sequences packed along T
 
 
 class Attention(nn.Module):
@@ -199,18 +171,19 @@ class Attention(nn.Module):
         q = q * ctx.cos + rotate_half(q) * ctx.sin
         k = k * ctx.cos + rotate_half(k) * ctx.sin
         k_cache, v_cache = ctx.cache.k[self.layer], ctx.cache.v[self.layer]
-        if ctx.packing is not None:
-            q, k, v = (ctx.packing.pad(part) for part in (q, k, v))
-            k_cache[ctx.index], v_cache[ctx.index] = k, v
-            out = ctx.packing.unpad(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        # One scatter puts each token's K/V at its (slot, position): B decode tokens [B, 1] or T packed ones [1, T].
+        k_cache[ctx.index], v_cache[ctx.index] = k.transpose(1, 2).flatten(0, 1), v.transpose(1, 2).flatten(0, 1)
+        if ctx.lengths is not None:
+            parts = zip(q.split(ctx.lengths, 2), k.split(ctx.lengths, 2), v.split(ctx.lengths, 2), strict=True)
+            out = torch.cat([F.scaled_dot_product_attention(*part, is_causal=True, enable_gqa=True)
+                             for part in parts], dim=2)
         else:
-            k_cache[ctx.index], v_cache[ctx.index] = k[:, :, 0], v[:, :, 0]
             span = ctx.mask.shape[-1]
             out = F.scaled_dot_product_attention(
                 q, k_cache[:b, :, :span], v_cache[:b, :, :span], attn_mask=ctx.mask, enable_gqa=True
             )
-            out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
-        return _reduce(self.o_proj(out), self.o_bias, self.world_size, self.group)
+        out = self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        return _reduce(out, self.o_bias, self.world_size, self.group)
 
 
 class MLP(nn.Module):
@@ -274,12 +247,12 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, index: tuple,
-             mask: torch.Tensor | None, packing: Packing | None) -> torch.Tensor:
+             mask: torch.Tensor | None, lengths: list[int] | None) -> torch.Tensor:
         """input_ids/positions: [B, T] -> final hidden states [B, T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        ctx = Context(emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None], cache, index, mask, packing)
+        ctx = Context(emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None], cache, index, mask, lengths)
         for layer in self.model.layers:
             x = layer(x, ctx)
         return self.model.norm(x)
@@ -291,17 +264,14 @@ class LlamaForCausalLM(nn.Module):
 
         A sequence's logits are [T, vocab] where its `all_logits` is set, else [1, vocab] for its last token.
         """
-        device = sequences[0].device
-        lengths = torch.tensor([s.shape[0] for s in sequences], device=device)
-        total, width = int(lengths.sum()), int(lengths.max())
-        rows = torch.repeat_interleave(torch.arange(len(sequences), device=device), lengths, output_size=total)
-        positions = torch.arange(total, device=device) - (lengths.cumsum(0) - lengths)[rows]
-        packing = Packing(rows * width + positions, len(sequences), width)
-        index = (slice(slot, slot + len(sequences)), slice(None), slice(0, width))
-        h = self._run(torch.cat(sequences)[None], positions[None], cache, index, None, packing)[0]
-        everything = torch.tensor(all_logits, device=device)
-        keep = everything[rows] | (positions == (lengths - 1)[rows])
-        counts = [s.shape[0] if full else 1 for s, full in zip(sequences, all_logits, strict=True)]
+        device, lengths = sequences[0].device, [s.shape[0] for s in sequences]
+        sizes = torch.tensor(lengths, device=device)
+        rows = torch.repeat_interleave(torch.arange(len(lengths), device=device), sizes, output_size=sum(lengths))
+        positions = torch.cat([torch.arange(length, device=device) for length in lengths])
+        index = (rows + slot, slice(None), positions)
+        h = self._run(torch.cat(sequences)[None], positions[None], cache, index, None, lengths)[0]
+        keep = torch.tensor(all_logits, device=device)[rows] | (positions == (sizes - 1)[rows])
+        counts = [length if full else 1 for length, full in zip(lengths, all_logits, strict=True)]
         return list(self.lm_head(h[keep]).float().split(counts))
 
     @torch.inference_mode()
@@ -312,61 +282,3 @@ class LlamaForCausalLM(nn.Module):
         slots = torch.arange(input_ids.shape[0], device=input_ids.device)
         h = self._run(input_ids[:, None], lengths[:, None], cache, (slots, slice(None), lengths), mask, None)
         return self.lm_head(h[:, 0]).float()
-
-
-def _checkpoint_files(folder: Path) -> dict[str, Path]:
-    """Map each tensor name to the safetensors file holding it."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
-    single = folder / "model.safetensors"
-    if not single.exists():
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
-
-
-def _checkpoint_name(param: str) -> tuple[str, int | None]:
-    """The checkpoint tensor behind one of our parameters, and the dim it is split along under TP."""
-    if param.endswith("o_bias"):
-        return param.replace("o_bias", "o_proj.bias"), None
-    if param.endswith("down_bias"):
-        return param.replace("down_bias", "down_proj.bias"), None
-    if any(p in param for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
-        return param, 0
-    if any(p in param for p in ("o_proj.weight", "down_proj.weight")):
-        return param, 1
-    return param, None
-
-
-def load_model(folder: Path, dtype: torch.dtype, device: torch.device,
-               rank: int = 0, world_size: int = 1, group=None) -> LlamaForCausalLM:
-    """Build the model from `folder/config.json` and load (this rank's shard of) its safetensors weights."""
-    args = ModelArgs.from_config(json.loads((folder / "config.json").read_text()))
-    with torch.device("meta"):
-        model = LlamaForCausalLM(args, rank, world_size, group).to(dtype)
-    model.to_empty(device=device)
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(args).to(device)  # stays float32, like the reference
-    files = _checkpoint_files(folder)
-    handles: dict[Path, object] = {}
-    for name, param in model.named_parameters():  # a tied lm_head appears once, as the embedding
-        source, split_dim = _checkpoint_name(name)
-        if source not in files:
-            raise ValueError(f"weight {source} missing from the checkpoint in {folder}")
-        if files[source] not in handles:
-            handles[files[source]] = safe_open(files[source], framework="pt", device="cpu")
-        tensor = handles[files[source]].get_slice(source)
-        if split_dim is None or world_size == 1:
-            tensor = tensor[:]
-        else:
-            size = param.shape[split_dim]
-            index = slice(rank * size, (rank + 1) * size)
-            tensor = tensor[index] if split_dim == 0 else tensor[:, index]
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"weight {source} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(tensor)
-    return model.eval()
