@@ -15,15 +15,21 @@ from tests.pipeline import Pipeline
 pytestmark = pytest.mark.e2e
 
 
+def started_long_stream(pipeline: Pipeline):
+    """A 200-token stream whose first message has arrived (so it is in the pipeline)."""
+    request = pb.SingleGenerationRequest(
+        request=pb.GenerationRequest(text="hello"),
+        params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=200, min_new_tokens=200)))
+    stream = pipeline.stub.GenerateStream(request, timeout=60)
+    next(stream)
+    return stream
+
+
 def test_unresponsive_scheduler_fails_requests_then_service_recovers(tiny_model_path, tmp_path):
     pipeline = Pipeline(tiny_model_path, tmp_path, "--max-sequence-length", "256").start()
     try:
         (scheduler,) = pipeline.child_pids("services.scheduler.main")
-        request = pb.SingleGenerationRequest(
-            request=pb.GenerationRequest(text="hello"),
-            params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=200, min_new_tokens=200)))
-        stream = pipeline.stub.GenerateStream(request, timeout=60)
-        next(stream)
+        stream = started_long_stream(pipeline)
         os.kill(scheduler, signal.SIGSTOP)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
@@ -46,11 +52,7 @@ def test_unresponsive_worker_fails_requests_and_stops_the_group(tiny_model_path,
                         env={"WORKER_TIMEOUT_S": "2"}).start()
     (worker,) = pipeline.child_pids("services.worker.main")
     try:
-        request = pb.SingleGenerationRequest(
-            request=pb.GenerationRequest(text="hello"),
-            params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=200, min_new_tokens=200)))
-        stream = pipeline.stub.GenerateStream(request, timeout=60)
-        next(stream)
+        stream = started_long_stream(pipeline)
         os.kill(worker, signal.SIGSTOP)
         with pytest.raises(grpc.RpcError) as info:
             list(stream)
@@ -61,5 +63,6 @@ def test_unresponsive_worker_fails_requests_and_stops_the_group(tiny_model_path,
         assert pipeline.process.wait(30) == 1
         assert "worker-0 exited unexpectedly" in pipeline.logs()
     finally:
-        os.kill(worker, signal.SIGCONT) if pipeline.process.poll() is None else None
+        if pipeline.process is not None and pipeline.process.poll() is None:
+            os.kill(worker, signal.SIGCONT)
         pipeline.stop()
