@@ -1,0 +1,1 @@
+"""Load generator and transformers baseline for measuring the server (`tgis-bench`)."""

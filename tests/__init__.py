@@ -1,0 +1,1 @@
+"""Unit, conformance and end-to-end tests; end-to-end ones start the real processes."""

@@ -1,0 +1,1 @@
+"""What every service shares: the wire protocol and codec, ZeroMQ helpers, config, logging, model paths."""

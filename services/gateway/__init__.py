@@ -1,0 +1,1 @@
+"""The gateway: fmaas gRPC API, validation, tokenizer-pool routing, health and metrics."""

@@ -1,0 +1,1 @@
+"""The scheduler: request queue, continuous batching and stop conditions."""

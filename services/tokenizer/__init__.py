@@ -1,0 +1,1 @@
+"""A tokenizer-pool process: tokenization, incremental detokenization and stop sequences."""

@@ -1,0 +1,1 @@
+"""A worker rank: model weights, KV cache, forward passes and sampling."""
