@@ -110,24 +110,28 @@ class SchedulerProcess:
         log.error("worker rank(s) %s sent no heartbeat for %.0f s: declaring the worker group lost",
                   lost, self.config.worker_timeout)
         if self.batcher is not None:
-            self._fail_running(f"worker rank {lost[0]} stopped responding")
+            # Queued requests too: no worker group will take them until one joins again.
+            self._fail_running(f"worker rank {lost[0]} stopped responding", queued_too=True)
         # The other ranks cannot go on without it, and a rank that wakes up holds a stale batch: stop them all,
         # so their supervisor (launcher, Kubernetes) restarts the group and the ranks join again from scratch.
         send(self.steps_out, Shutdown(f"worker rank {lost[0]} lost"))
         self.last_seen.clear()
         self.ready_ranks.clear()
 
-    def _fail_running(self, message: str) -> None:
+    def _fail_running(self, message: str, queued_too: bool = False) -> None:
         assert self.batcher is not None
         self.in_flight = None
         failed = self.batcher.fail_step()
+        if queued_too:
+            failed += list(self.batcher.waiting)
+            self.batcher.waiting.clear()
         by_gateway: dict[bytes, list[str]] = {}
         for sequence in failed:
             by_gateway.setdefault(sequence.gateway, []).append(sequence.request_id)
         for gateway, ids in by_gateway.items():
             self._send_gateway(gateway, RequestFailed(ids, message))
         if failed:
-            log.error("failed %d running request(s): %s", len(failed), message)
+            log.error("failed %d request(s): %s", len(failed), message)
 
     def _on_step_result(self, result: StepResult) -> None:
         if self.in_flight is None or result.step_id != self.in_flight[0].step_id:
@@ -171,8 +175,10 @@ class SchedulerProcess:
                 self._send_gateway(gateway, self._info())
         elif isinstance(message, Submit):
             self.known_gateways.add(gateway)
-            if self.batcher is None:
-                self._send_gateway(gateway, RequestFailed([r.request_id for r in message.requests], "model not loaded"))
+            if not self.workers_ready:
+                # Fail fast rather than queue for a worker group that may never come back.
+                self._send_gateway(gateway, RequestFailed([r.request_id for r in message.requests],
+                                                          "no model worker is ready"))
             else:
                 self.batcher.submit(gateway, message.requests)
         elif isinstance(message, Cancel):
