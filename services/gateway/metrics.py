@@ -20,6 +20,7 @@ two up to max_sequence_length * max_batch_size.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -125,6 +126,24 @@ class GatewayMetrics:
 
     # ------------------------------------------------------------------ recording
 
+    def record_success(self, generation, count: int, stop_reason: str, kind: str, total: float) -> None:
+        """An input finished (not ERROR/CANCELLED): TGIS's per-request figures, plus TTFT and inter-token gaps."""
+        now = time.monotonic()
+        self.request_success.labels(stop_reason, kind).inc()
+        self.request_duration.observe(total)
+        self.queue_duration.observe(generation.queue_duration)
+        self.generated_tokens.observe(count)
+        self.total_tokens.observe(count + generation.input.input_length)
+        if generation.first_token_at is not None:
+            # TGIS: from leaving the queue (so the prefill counts) to the end; generation.received_at = submission.
+            inference = max(0.0, now - generation.received_at - generation.queue_duration)
+            self.inference_duration.observe(inference)
+            if count:
+                self.mean_time_per_token.observe(inference / count)
+            self.time_to_first_token.observe(max(0.0, total - (now - generation.first_token_at)))
+        for gap in generation.inter_token:
+            self.inter_token_latency.observe(gap)
+
     def record_step(self, stats: StepStats) -> None:
         method, makeup = stats.method, "single_only"
         self.batch_inference_count.labels(method).inc()
@@ -223,6 +242,9 @@ class _Discard:
         pass
 
     def set(self, *_args: Any) -> None:
+        pass
+
+    def __call__(self, *_args: Any, **_kwargs: Any) -> None:
         pass
 
 

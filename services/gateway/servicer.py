@@ -162,24 +162,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             self.scheduler.cancel(unfinished)
 
     def _record_success(self, generation: Generation, event: TokenEvent, kind: str, received_at: float) -> None:
-        m = self.metrics
-        m.request_success.labels(str(event.stop_reason), kind).inc()
-        now = time.monotonic()
         # End to end from the call's arrival (wall clock `received_at`), as TGIS's start_time.
         total = max(0.0, time.time() - received_at)
-        m.request_duration.observe(total)
-        m.queue_duration.observe(generation.queue_duration)
-        m.generated_tokens.observe(event.count)
-        m.total_tokens.observe(event.count + generation.input.input_length)
-        if generation.first_token_at is not None:
-            # TGIS: from leaving the queue (so the prefill counts) to the end; generation.received_at = submission.
-            inference = max(0.0, now - generation.received_at - generation.queue_duration)
-            m.inference_duration.observe(inference)
-            if event.count:
-                m.mean_time_per_token.observe(inference / event.count)
-            m.time_to_first_token.observe(max(0.0, total - (now - generation.first_token_at)))
-        for gap in generation.inter_token:
-            m.inter_token_latency.observe(gap)
+        self.metrics.record_success(generation, event.count, str(event.stop_reason), kind, total)
         log.info("%s (%s) finished: %s, %d input + %d generated tokens, %.3f s (queued %.3f s)%s",
                  generation.request_id, kind, event.stop_reason, generation.input.input_length, event.count, total,
                  generation.queue_duration,
