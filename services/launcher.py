@@ -180,8 +180,11 @@ class Launcher:
 
     def start(self) -> None:
         self.children.append(Child("scheduler", self._module("services.scheduler.main"), self.env))
+        # Ranks sharing this machine's CPU split its cores instead of each taking them all.
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // self.num_shard))
         for rank in range(self.num_shard):
-            env = {**self.env, "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(self.num_shard)}
+            env = {**self.env, "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(self.num_shard),
+                   "OMP_NUM_THREADS": threads}
             self.children.append(Child(f"worker-{rank}", self._module("services.worker.main"), env))
         self.children.extend(self._tokenizer() for _ in range(self.config.num_tokenizers))
         self.children.append(Child("gateway", self._module("services.gateway.main"), self.env))
