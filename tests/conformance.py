@@ -56,3 +56,22 @@ def assert_like_reference(response: pb.GenerationResponse, expected: ref.Result,
 
 def close(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=5e-4, abs_tol=1e-5)
+
+
+def assert_details_like(infos, steps: list[ref.Step], tok) -> None:
+    """TokenInfos (with logprobs, ranks, top-n) equal the reference steps."""
+    assert len(infos) == len(steps)
+    for info, step in zip(infos, steps, strict=True):
+        assert info.text == tok.convert_ids_to_tokens(step.token)
+        assert close(info.logprob, step.logprob) and info.rank == step.rank
+        assert [t.text for t in info.top_tokens] == tok.convert_ids_to_tokens([i for i, _ in step.top])
+        assert all(close(t.logprob, lp) for t, (_, lp) in zip(info.top_tokens, step.top, strict=True))
+
+
+def assert_echo_with_truncation(server, tok, model_path, prompt: str, keep: int) -> None:
+    """`input_text` echoes the whole prompt even when only the last `keep` tokens are generated from."""
+    settings = ref.Settings(max_new_tokens=6, truncate_input_tokens=keep)
+    response = generate(server, prompt, to_params(settings, input_text=True))
+    expected = ref.generate(model_path, prompt, settings)
+    assert response.input_token_count == keep
+    assert response.text == prompt + tok.decode(expected.ids, skip_special_tokens=True)

@@ -16,7 +16,14 @@ import pytest
 
 from services.gateway.pb import generation_pb2 as pb
 from tests import tgis_reference as ref
-from tests.conformance import assert_like_reference, close, generate, to_params
+from tests.conformance import (
+    assert_details_like,
+    assert_echo_with_truncation,
+    assert_like_reference,
+    close,
+    generate,
+    to_params,
+)
 from tests.pipeline import Pipeline
 from tests.reference import load
 
@@ -275,11 +282,7 @@ def test_time_limit_in_batch_and_in_queue(server, tok):
 
 
 def test_input_text_echo_uses_full_untruncated_text(server, tok, tiny_model_path):
-    s = ref.Settings(max_new_tokens=5, truncate_input_tokens=4)
-    response = generate(server, PROMPT, to_params(s, input_text=True))
-    expected = ref.generate(tiny_model_path, PROMPT, s)
-    assert response.input_token_count == 4
-    assert response.text == PROMPT + tok.decode(expected.ids, skip_special_tokens=True)
+    assert_echo_with_truncation(server, tok, tiny_model_path, PROMPT, keep=4)
 
 
 # ---------------------------------------------------------------------------------------------- 6. token details
@@ -294,12 +297,7 @@ def test_generated_token_details(server, tok, tiny_model_path, settings):
                        top_n_tokens=settings.top_n)
     response = generate(server, PROMPT, params)
     expected = ref.generate(tiny_model_path, PROMPT, settings)
-    assert len(response.tokens) == len(expected.steps)
-    for info, step in zip(response.tokens, expected.steps, strict=True):
-        assert info.text == tok.convert_ids_to_tokens(step.token)
-        assert close(info.logprob, step.logprob) and info.rank == step.rank
-        assert [t.text for t in info.top_tokens] == tok.convert_ids_to_tokens([i for i, _ in step.top])
-        assert all(close(t.logprob, lp) for t, (_, lp) in zip(info.top_tokens, step.top, strict=True))
+    assert_details_like(response.tokens, expected.steps, tok)
     if settings.sample and settings.top_k == 1:
         assert all(t.logprob == 0.0 for t in response.tokens)
 

@@ -10,7 +10,13 @@ import pytest
 
 from services.gateway.pb import generation_pb2 as pb
 from tests import tgis_reference as ref
-from tests.conformance import assert_like_reference, close, generate, to_params
+from tests.conformance import (
+    assert_details_like,
+    assert_echo_with_truncation,
+    assert_like_reference,
+    generate,
+    to_params,
+)
 from tests.pipeline import Pipeline
 from tests.reference import load
 
@@ -86,10 +92,7 @@ def test_token_details_on_the_real_model(server, tok, demo_model_path):
                                                  token_ranks=True, top_n_tokens=3))
     expected = ref.generate(demo_model_path, PARIS, settings)
     assert_like_reference(response, expected, tok)
-    for info, step in zip(response.tokens, expected.steps, strict=True):
-        assert info.text == tok.convert_ids_to_tokens(step.token)
-        assert close(info.logprob, step.logprob) and info.rank == step.rank
-        assert [t.text for t in info.top_tokens] == tok.convert_ids_to_tokens([i for i, _ in step.top])
+    assert_details_like(response.tokens, expected.steps, tok)
 
 
 def test_seeded_sampling_on_the_real_model(server, tok, demo_model_path):
@@ -100,8 +103,4 @@ def test_seeded_sampling_on_the_real_model(server, tok, demo_model_path):
 
 
 def test_input_text_echo_and_truncation(server, tok, demo_model_path):
-    settings = ref.Settings(max_new_tokens=6, truncate_input_tokens=3)
-    response = generate(server, PARIS, to_params(settings, input_text=True))
-    expected = ref.generate(demo_model_path, PARIS, settings)
-    assert response.input_token_count == 3
-    assert response.text == PARIS + tok.decode(expected.ids, skip_special_tokens=True)
+    assert_echo_with_truncation(server, tok, demo_model_path, PARIS, keep=3)
