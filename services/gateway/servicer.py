@@ -7,6 +7,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import grpc
 
@@ -134,7 +135,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         correlation_id = _correlation_id(context)
         for validated in inputs:
             request_id = f"{self.scheduler.gateway_id}-{next(self._ids)}"
-            logits = _with_seed(params, validated.seed)
+            logits = replace(params.logits, seed=validated.seed)
             generation = Generation(request_id, params, validated, correlation_id=correlation_id)
             detok = DetokParams(
                 params.stop_sequences, params.include_stop_sequence, not self.output_special_tokens,
@@ -332,8 +333,3 @@ def _correlation_id(context) -> str:
     metadata = getattr(context, "invocation_metadata", lambda: None)() or ()
     return next((value for key, value in metadata if key == "x-correlation-id"), "")
 
-
-def _with_seed(params: ValidatedParams, seed: int):
-    from dataclasses import replace
-
-    return replace(params.logits, seed=seed)
