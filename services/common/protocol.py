@@ -78,6 +78,7 @@ class StructKind(enum.IntEnum):
     DETOK_ITEM = 11
     DETOK_DELTA = 12
     STEP_STATS = 13
+    SCHEDULED_CHUNK = 14
 
 
 class StopReason(enum.IntEnum):
@@ -232,6 +233,13 @@ class StepStats:
     forward_duration: float  # seconds, reported by the worker
     prefill_tokens: int = 0
     concatenated: bool = False
+    # Admission and KV block pool events of this step (counters on the gateway).
+    queue_jumps: int = 0
+    granular_additions: int = 0
+    prefill_weight_exceeded: int = 0
+    preemptions: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
     # State after the step, for the gauges.
     running: int = 0
     queue_size: int = 0
@@ -314,16 +322,22 @@ class Welcome:
 
 @dataclass
 class WorkerReady:
-    """Rank -> scheduler: weights loaded, ready for steps."""
+    """Rank -> scheduler: weights loaded, ready for steps; the KV block pool this rank allocated.
+
+    The scheduler owns block allocation: it hands out block ids 0..num_blocks-1
+    of `block_size` token positions each (the smallest pool over the ranks).
+    """
 
     KIND: ClassVar[MessageKind] = MessageKind.WORKER_READY
     rank: int
     model: ModelInfo
+    num_blocks: int = 0
+    block_size: int = 0
 
 
 @dataclass
 class NewSequence:
-    """A sequence joining the running batch: prefill it and produce its first token."""
+    """A sequence the workers have not seen yet: its prompt and sampling settings (its chunks come in `Step.run`)."""
 
     STRUCT: ClassVar[StructKind] = StructKind.NEW_SEQUENCE
     request_id: str
@@ -332,10 +346,30 @@ class NewSequence:
 
 
 @dataclass
-class Step:
-    """Scheduler -> all ranks: drop `remove`, prefill `add`, then one decode step for the others.
+class ScheduledChunk:
+    """Compute `count` tokens of one sequence this step, from position `start` (the tokens before are in its KV blocks).
 
-    Every rank applies the same steps in the same order, so their batches stay
+    A sequence's tokens are its prompt followed by the tokens it generated; a
+    chunk that reaches the last known token samples the next one.  A decode is
+    the chunk (start = length - 1, count = 1); a prompt may take several chunks
+    (chunked prefill), may start after a cached prefix (prefix caching), and a
+    preempted sequence starts again at 0 (recompute).  `block_table` lists the
+    KV block ids holding positions 0, block_size, 2*block_size, ... up to
+    start + count.
+    """
+
+    STRUCT: ClassVar[StructKind] = StructKind.SCHEDULED_CHUNK
+    request_id: str
+    start: int
+    count: int
+    block_table: TokenIds
+
+
+@dataclass
+class Step:
+    """Scheduler -> all ranks: forget `remove`, register `add`, then run every chunk of `run` in one forward pass.
+
+    Every rank applies the same steps in the same order, so their state stays
     identical; only rank 0 answers.
     """
 
@@ -343,7 +377,7 @@ class Step:
     step_id: int
     add: list[NewSequence]
     remove: list[str]
-    decode: bool
+    run: list[ScheduledChunk]
 
 
 @dataclass
@@ -358,12 +392,17 @@ class SequenceOutput:
 
 @dataclass
 class StepResult:
-    """Rank 0 -> scheduler: the outputs of one step."""
+    """Rank 0 -> scheduler: the outputs of one step (one per chunk that sampled).
+
+    `failed` maps the request ids the worker refused or could not run to why;
+    they fail alone, the rest of the step ran.
+    """
 
     KIND: ClassVar[MessageKind] = MessageKind.STEP_RESULT
     step_id: int
     outputs: list[SequenceOutput]
     forward_ns: int
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -541,6 +580,6 @@ STRUCT_TYPES: dict[StructKind, type] = {
     cls.STRUCT: cls
     for cls in (
         ModelInfo, LogitsParams, StopParams, GenerateRequest, TokenDetail, TokenOutput, NewSequence,
-        SequenceOutput, TokenizedText, DetokParams, DetokItem, DetokDelta, StepStats,
+        ScheduledChunk, SequenceOutput, TokenizedText, DetokParams, DetokItem, DetokDelta, StepStats,
     )
 }
