@@ -1,31 +1,27 @@
-"""msgpack encoding of protocol messages into ZeroMQ frames, and back.
+"""msgpack encoding of protocol messages into ZeroMQ frames, and validated decoding back.
 
-Frame 0 is the 1-byte `MessageKind`; frame 1 is `[PROTOCOL_VERSION, *fields]`.
-Nested structs become msgpack ext objects (`STRUCT_EXT`) holding
-`[StructKind, *fields]`; token-id arrays become `TOKEN_IDS_EXT` holding raw
-little-endian int32.  Nothing is ever pickled, and classes are looked up by
-their numeric kind, never by name.
+Frame 0 is the 1-byte `MessageKind`; frame 1 is `[PROTOCOL_VERSION, message]`
+with the message a positional msgpack array (`protocol.Wire`).  Token-id arrays
+travel as msgpack bin holding raw little-endian int32.  Each kind has its own
+typed msgspec decoder: a body of the wrong shape or types is refused whole
+(`ProtocolError`), never half-built, and nesting can go no deeper than the
+declared types.  Nothing is ever pickled, and classes are looked up by their
+numeric kind, never by name.
 """
 
 from __future__ import annotations
 
 import array
-import dataclasses
 import sys
 from typing import Any
 
-import msgpack
+import msgspec
 
-from services.common.protocol import (
-    MESSAGE_TYPES,
-    PROTOCOL_VERSION,
-    STRUCT_TYPES,
-    MessageKind,
-    StructKind,
-)
+from services.common.protocol import MESSAGE_TYPES, PROTOCOL_VERSION, MessageKind
 
-STRUCT_EXT = 1
-TOKEN_IDS_EXT = 2
+# Far above any legitimate message (the gateway bounds what a request can make
+# the pipeline produce), low enough that a runaway peer cannot exhaust memory.
+MAX_BODY_BYTES = 256 * 1024 * 1024
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
@@ -34,68 +30,61 @@ class ProtocolError(ValueError):
     """A frame set that is not a message of this protocol version."""
 
 
-def _default(obj: Any) -> Any:
+def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, array.array):
         arr = obj if obj.typecode == "i" else array.array("i", obj)
         if not _LITTLE_ENDIAN:
             arr = array.array("i", arr)
             arr.byteswap()
-        return msgpack.ExtType(TOKEN_IDS_EXT, arr.tobytes())
-    struct_kind = getattr(type(obj), "STRUCT", None)
-    if struct_kind is not None and dataclasses.is_dataclass(obj):
-        fields = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
-        return msgpack.ExtType(STRUCT_EXT, _pack([int(struct_kind), *fields]))
+        return arr.tobytes()
     raise TypeError(f"cannot encode {type(obj).__name__} on the wire")
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code == TOKEN_IDS_EXT:
+def _dec_hook(kind: type, obj: Any) -> Any:
+    if kind is not array.array:
+        raise TypeError(f"no wire decoding for {kind}")
+    if isinstance(obj, bytes):
+        if len(obj) % 4:
+            raise ValueError(f"token ids of {len(obj)} bytes, not a multiple of 4")
         arr = array.array("i")
-        arr.frombytes(data)
+        arr.frombytes(obj)
         if not _LITTLE_ENDIAN:
             arr.byteswap()
         return arr
-    if code == STRUCT_EXT:
-        kind, *fields = _unpack(data)
+    if isinstance(obj, list):  # a sender that built a plain list of ids
         try:
-            cls = STRUCT_TYPES[StructKind(kind)]
-        except ValueError as exc:
-            raise ProtocolError(f"unknown struct kind {kind}") from exc
-        return cls(*fields)
-    raise ProtocolError(f"unknown msgpack ext code {code}")
+            return array.array("i", obj)
+        except (TypeError, OverflowError) as exc:
+            raise ValueError(f"token ids: {exc}") from exc
+    raise TypeError(f"expected token ids, got {type(obj).__name__}")
 
 
-def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, default=_default, use_bin_type=True)
-
-
-def _unpack(data: bytes) -> Any:
-    # strict_map_key=False: offsets and ids are ints; tuples come back as lists.
-    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+_ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_ENVELOPE = msgspec.msgpack.Decoder(tuple[int, msgspec.Raw])
+_DECODERS = {kind: msgspec.msgpack.Decoder(cls, dec_hook=_dec_hook) for kind, cls in MESSAGE_TYPES.items()}
 
 
 def encode(message: Any) -> list[bytes]:
     """Encode a top-level message as [kind frame, body frame]."""
-    kind = type(message).KIND
-    fields = [getattr(message, f.name) for f in dataclasses.fields(message)]
-    return [bytes([int(kind)]), _pack([PROTOCOL_VERSION, *fields])]
+    return [bytes([int(type(message).KIND)]), _ENCODER.encode((PROTOCOL_VERSION, message))]
 
 
 def decode(frames: list[bytes]) -> Any:
-    """Decode [kind frame, body frame] into its message dataclass."""
+    """Decode [kind frame, body frame] into its message struct; anything else raises `ProtocolError`."""
     if len(frames) != 2 or len(frames[0]) != 1:
         raise ProtocolError(f"expected 2 frames with a 1-byte kind, got {len(frames)} frames")
     try:
-        cls = MESSAGE_TYPES[MessageKind(frames[0][0])]
+        kind = MessageKind(frames[0][0])
     except ValueError as exc:
         raise ProtocolError(f"unknown message kind {frames[0][0]}") from exc
+    name = MESSAGE_TYPES[kind].__name__
+    body = frames[1]
+    if len(body) > MAX_BODY_BYTES:
+        raise ProtocolError(f"{name} body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
     try:
-        version, *fields = _unpack(frames[1])
-    except (ValueError, TypeError, msgpack.ExtraData) as exc:
-        raise ProtocolError(f"undecodable {cls.__name__} body: {exc}") from exc
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version} != {PROTOCOL_VERSION} in {cls.__name__}")
-    try:
-        return cls(*fields)
-    except TypeError as exc:
-        raise ProtocolError(f"{cls.__name__} with wrong fields: {exc}") from exc
+        version, raw = _ENVELOPE.decode(body)
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {version} != {PROTOCOL_VERSION} in {name}")
+        return _DECODERS[kind].decode(raw)
+    except (msgspec.MsgspecError, RecursionError) as exc:
+        raise ProtocolError(f"invalid {name}: {exc}") from exc

@@ -1,9 +1,10 @@
 """Every message that crosses a process boundary, defined once.
 
 Each top-level message travels as two ZeroMQ frames: a 1-byte `MessageKind`
-and a msgpack body (see `codec.py`).  Nested structs travel as msgpack
-extension objects tagged with their `StructKind`.  Token ids travel as packed
-int32 arrays (`TokenIds`), not as lists of msgpack integers.
+and a msgpack body (see `codec.py`).  Every struct is a `msgspec.Struct`
+encoded as a positional msgpack array, so the receiver decodes each kind
+against its declared field types and refuses any other shape.  Token ids
+travel as packed int32 arrays (`TokenIds`), not as lists of msgpack integers.
 
 Peers (see docs/architecture.md for the full flow):
   gateway  <-> scheduler   ROUTER (scheduler) / DEALER (gateway)
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import array
 import enum
-from dataclasses import dataclass, field
 from typing import ClassVar
+
+from msgspec import Struct, field
 
 PROTOCOL_VERSION = 1
 
@@ -28,6 +30,10 @@ def token_ids(values=()) -> array.array:
 
 
 TokenIds = array.array
+
+
+class Wire(Struct, array_like=True, forbid_unknown_fields=True):
+    """Base of every struct on the wire: fields travel by position, extra or missing ones are refused."""
 
 
 class MessageKind(enum.IntEnum):
@@ -62,25 +68,6 @@ class MessageKind(enum.IntEnum):
     DETOK_CLOSE = 47
 
 
-class StructKind(enum.IntEnum):
-    """msgpack extension tag of each nested struct."""
-
-    MODEL_INFO = 1
-    LOGITS_PARAMS = 2
-    STOP_PARAMS = 3
-    GENERATE_REQUEST = 4
-    TOKEN_DETAIL = 5
-    TOKEN_OUTPUT = 6
-    NEW_SEQUENCE = 7
-    SEQUENCE_OUTPUT = 8
-    TOKENIZED_TEXT = 9
-    DETOK_PARAMS = 10
-    DETOK_ITEM = 11
-    DETOK_DELTA = 12
-    STEP_STATS = 13
-    SCHEDULED_CHUNK = 14
-
-
 class StopReason(enum.IntEnum):
     """Why a sequence stopped; values equal the fmaas `StopReason` proto enum."""
 
@@ -100,11 +87,9 @@ class StopReason(enum.IntEnum):
 # --------------------------------------------------------------------------- shared structs
 
 
-@dataclass
-class ModelInfo:
+class ModelInfo(Wire):
     """What the worker group reports about the loaded model (sent to the scheduler, then gateways)."""
 
-    STRUCT: ClassVar[StructKind] = StructKind.MODEL_INFO
     model_name: str
     model_path: str
     encoder_decoder: bool
@@ -119,15 +104,13 @@ class ModelInfo:
     dtype: str
 
 
-@dataclass
-class LogitsParams:
+class LogitsParams(Wire):
     """Per-sequence logits processing and sampling settings (TGIS semantics, already converted).
 
     temperature 0 means greedy; top_k 0, top_p 1.0, typical_p <= 0 or >= 1 and
     repetition_penalty 1.0 mean "off".
     """
 
-    STRUCT: ClassVar[StructKind] = StructKind.LOGITS_PARAMS
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -148,11 +131,9 @@ class LogitsParams:
         return self.temperature != 0.0
 
 
-@dataclass
-class StopParams:
+class StopParams(Wire):
     """When the scheduler ends a sequence (stop sequences are the tokenizer's job)."""
 
-    STRUCT: ClassVar[StructKind] = StructKind.STOP_PARAMS
     max_new_tokens: int
     min_new_tokens: int = 0
     # Wall-clock (time.time()) deadline; 0 = none.  Wall clock because it crosses processes.
@@ -161,11 +142,9 @@ class StopParams:
     token_limited: bool = False
 
 
-@dataclass
-class TokenDetail:
+class TokenDetail(Wire):
     """One token's id with the details asked for (logprob, rank, top-n alternatives)."""
 
-    STRUCT: ClassVar[StructKind] = StructKind.TOKEN_DETAIL
     token_id: int
     logprob: float = 0.0
     rank: int = 0
@@ -176,8 +155,7 @@ class TokenDetail:
 # --------------------------------------------------------------------------- gateway <-> scheduler
 
 
-@dataclass
-class GatewayHello:
+class GatewayHello(Wire):
     """Gateway -> scheduler: a gateway connected; the scheduler answers with SchedulerInfo once a model is loaded."""
 
     KIND: ClassVar[MessageKind] = MessageKind.GATEWAY_HELLO
@@ -185,8 +163,7 @@ class GatewayHello:
     version: int = PROTOCOL_VERSION
 
 
-@dataclass
-class SchedulerInfo:
+class SchedulerInfo(Wire):
     """Scheduler -> gateway: the model and limits this pipeline serves."""
 
     KIND: ClassVar[MessageKind] = MessageKind.SCHEDULER_INFO
@@ -194,11 +171,9 @@ class SchedulerInfo:
     max_waiting_tokens: int
 
 
-@dataclass
-class GenerateRequest:
+class GenerateRequest(Wire):
     """One validated input, tokenized and ready to queue."""
 
-    STRUCT: ClassVar[StructKind] = StructKind.GENERATE_REQUEST
     request_id: str
     input_ids: TokenIds
     logits: LogitsParams
@@ -206,27 +181,23 @@ class GenerateRequest:
     arrival_time: float  # time.time() when the gateway received the call
 
 
-@dataclass
-class Submit:
+class Submit(Wire):
     """Gateway -> scheduler: the inputs of one gRPC call, queued together."""
 
     KIND: ClassVar[MessageKind] = MessageKind.SUBMIT
     requests: list[GenerateRequest]
 
 
-@dataclass
-class Cancel:
+class Cancel(Wire):
     """Gateway -> scheduler: stop these requests (client gone, or a stop sequence matched)."""
 
     KIND: ClassVar[MessageKind] = MessageKind.CANCEL
     request_ids: list[str]
 
 
-@dataclass
-class StepStats:
+class StepStats(Wire):
     """Scheduler's view of one step, carried to the gateway for its metrics."""
 
-    STRUCT: ClassVar[StructKind] = StructKind.STEP_STATS
     method: str  # "prefill" (the step added sequences) or "next_token"
     batch_size: int  # sequences in this step
     duration: float  # seconds, scheduler send -> result
@@ -247,15 +218,13 @@ class StepStats:
     batch_remaining_tokens: int = 0
 
 
-@dataclass
-class TokenOutput:
+class TokenOutput(Wire):
     """New tokens for one request; `stop_reason` set on its last output.
 
     `generated_count` is the running total including `tokens`.  `input_details`
     comes once, with the first token, when input token details were asked for.
     """
 
-    STRUCT: ClassVar[StructKind] = StructKind.TOKEN_OUTPUT
     request_id: str
     tokens: list[TokenDetail]
     generated_count: int
@@ -264,8 +233,7 @@ class TokenOutput:
     queue_duration: float = 0.0  # set on the first output: seconds spent queued
 
 
-@dataclass
-class TokenBatch:
+class TokenBatch(Wire):
     """Scheduler -> gateway: one step's outputs for that gateway's requests, plus step stats."""
 
     KIND: ClassVar[MessageKind] = MessageKind.TOKEN_BATCH
@@ -273,8 +241,7 @@ class TokenBatch:
     stats: StepStats | None = None
 
 
-@dataclass
-class RequestFailed:
+class RequestFailed(Wire):
     """Scheduler -> gateway: these requests failed during generation."""
 
     KIND: ClassVar[MessageKind] = MessageKind.REQUEST_FAILED
@@ -282,16 +249,14 @@ class RequestFailed:
     message: str
 
 
-@dataclass
-class Ping:
+class Ping(Wire):
     """Liveness probe through a hop; answered with Pong carrying the same nonce."""
 
     KIND: ClassVar[MessageKind] = MessageKind.PING
     nonce: int
 
 
-@dataclass
-class Pong:
+class Pong(Wire):
     KIND: ClassVar[MessageKind] = MessageKind.PONG
     nonce: int
     workers_ready: bool = True
@@ -302,8 +267,7 @@ class Pong:
 # --------------------------------------------------------------------------- scheduler <-> workers
 
 
-@dataclass
-class WorkerHello:
+class WorkerHello(Wire):
     """Rank -> scheduler, repeated until the rank's subscription delivers a Welcome."""
 
     KIND: ClassVar[MessageKind] = MessageKind.WORKER_HELLO
@@ -312,16 +276,14 @@ class WorkerHello:
     version: int = PROTOCOL_VERSION
 
 
-@dataclass
-class Welcome:
+class Welcome(Wire):
     """Scheduler -> ranks (PUB): proves the rank's subscription is live."""
 
     KIND: ClassVar[MessageKind] = MessageKind.WELCOME
     rank: int
 
 
-@dataclass
-class WorkerReady:
+class WorkerReady(Wire):
     """Rank -> scheduler: weights loaded, ready for steps; the KV block pool this rank allocated.
 
     The scheduler owns block allocation: it hands out block ids 0..num_blocks-1
@@ -335,18 +297,15 @@ class WorkerReady:
     block_size: int = 0
 
 
-@dataclass
-class NewSequence:
+class NewSequence(Wire):
     """A sequence the workers have not seen yet: its prompt and sampling settings (its chunks come in `Step.run`)."""
 
-    STRUCT: ClassVar[StructKind] = StructKind.NEW_SEQUENCE
     request_id: str
     input_ids: TokenIds
     logits: LogitsParams
 
 
-@dataclass
-class ScheduledChunk:
+class ScheduledChunk(Wire):
     """Compute `count` tokens of one sequence this step, from position `start` (the tokens before are in its KV blocks).
 
     A sequence's tokens are its prompt followed by the tokens it generated; a
@@ -358,15 +317,13 @@ class ScheduledChunk:
     start + count.
     """
 
-    STRUCT: ClassVar[StructKind] = StructKind.SCHEDULED_CHUNK
     request_id: str
     start: int
     count: int
     block_table: TokenIds
 
 
-@dataclass
-class Step:
+class Step(Wire):
     """Scheduler -> all ranks: forget `remove`, register `add`, then run every chunk of `run` in one forward pass.
 
     Every rank applies the same steps in the same order, so their state stays
@@ -380,18 +337,15 @@ class Step:
     run: list[ScheduledChunk]
 
 
-@dataclass
-class SequenceOutput:
+class SequenceOutput(Wire):
     """One sequence's new token from a step (and its input details after prefill)."""
 
-    STRUCT: ClassVar[StructKind] = StructKind.SEQUENCE_OUTPUT
     request_id: str
     token: TokenDetail
     input_details: list[TokenDetail] | None = None
 
 
-@dataclass
-class StepResult:
+class StepResult(Wire):
     """Rank 0 -> scheduler: the outputs of one step (one per chunk that sampled).
 
     `failed` maps the request ids the worker refused or could not run to why;
@@ -405,8 +359,7 @@ class StepResult:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
-class StepFailed:
+class StepFailed(Wire):
     """A rank -> scheduler: the step raised; the worker has dropped its whole batch."""
 
     KIND: ClassVar[MessageKind] = MessageKind.STEP_FAILED
@@ -416,16 +369,14 @@ class StepFailed:
     out_of_memory: bool = False
 
 
-@dataclass
-class Heartbeat:
+class Heartbeat(Wire):
     """Periodic liveness from a worker rank or tokenizer process."""
 
     KIND: ClassVar[MessageKind] = MessageKind.HEARTBEAT
     sender: str
 
 
-@dataclass
-class Shutdown:
+class Shutdown(Wire):
     """Scheduler -> ranks: exit cleanly."""
 
     KIND: ClassVar[MessageKind] = MessageKind.SHUTDOWN
@@ -435,8 +386,7 @@ class Shutdown:
 # --------------------------------------------------------------------------- gateway <-> tokenizers
 
 
-@dataclass
-class TokenizerHello:
+class TokenizerHello(Wire):
     """Tokenizer -> gateway: a process joined the pool (also sent again after a gateway restart)."""
 
     KIND: ClassVar[MessageKind] = MessageKind.TOKENIZER_HELLO
@@ -445,26 +395,22 @@ class TokenizerHello:
     version: int = PROTOCOL_VERSION
 
 
-@dataclass
-class TokenizerGoodbye:
+class TokenizerGoodbye(Wire):
     """Tokenizer -> gateway: leaving the pool; its open work must move elsewhere."""
 
     KIND: ClassVar[MessageKind] = MessageKind.TOKENIZER_GOODBYE
     name: str
 
 
-@dataclass
-class TokenizedText:
+class TokenizedText(Wire):
     """One text's tokenization."""
 
-    STRUCT: ClassVar[StructKind] = StructKind.TOKENIZED_TEXT
     ids: TokenIds
     tokens: list[str] = field(default_factory=list)
     offsets: list[tuple[int, int]] = field(default_factory=list)
 
 
-@dataclass
-class Tokenize:
+class Tokenize(Wire):
     """Gateway -> tokenizer: encode texts with special tokens added."""
 
     KIND: ClassVar[MessageKind] = MessageKind.TOKENIZE
@@ -474,8 +420,7 @@ class Tokenize:
     return_offsets: bool = False
 
 
-@dataclass
-class TokenizeResult:
+class TokenizeResult(Wire):
     """Tokenizer -> gateway: the answer to `Tokenize` (or the tokenizer's error)."""
 
     KIND: ClassVar[MessageKind] = MessageKind.TOKENIZE_RESULT
@@ -484,11 +429,9 @@ class TokenizeResult:
     error: str = ""
 
 
-@dataclass
-class DetokParams:
+class DetokParams(Wire):
     """How to turn one request's generated ids into text."""
 
-    STRUCT: ClassVar[StructKind] = StructKind.DETOK_PARAMS
     stop_sequences: list[str]
     include_stop_sequence: bool
     skip_special_tokens: bool
@@ -497,8 +440,7 @@ class DetokParams:
     stream: bool = False  # hold back text that a stop sequence might still take back
 
 
-@dataclass
-class DetokOpen:
+class DetokOpen(Wire):
     """Gateway -> tokenizer: start (or, after a tokenizer loss, resume) a request's detokenizer.
 
     `replay_ids` are tokens already turned into text elsewhere: decode them
@@ -511,11 +453,9 @@ class DetokOpen:
     replay_ids: TokenIds = field(default_factory=token_ids)
 
 
-@dataclass
-class DetokItem:
+class DetokItem(Wire):
     """New ids of one request.  `piece_ids` are ids whose raw vocabulary pieces are wanted."""
 
-    STRUCT: ClassVar[StructKind] = StructKind.DETOK_ITEM
     request_id: str
     first_index: int  # generated-token index of ids[0]
     ids: TokenIds
@@ -523,16 +463,14 @@ class DetokItem:
     piece_ids: TokenIds = field(default_factory=token_ids)
 
 
-@dataclass
-class DetokTokens:
+class DetokTokens(Wire):
     """Gateway -> tokenizer: new ids for requests that tokenizer owns."""
 
     KIND: ClassVar[MessageKind] = MessageKind.DETOK_TOKENS
     items: list[DetokItem]
 
 
-@dataclass
-class DetokDelta:
+class DetokDelta(Wire):
     """Text released by one DetokItem, one entry per id.
 
     `texts[i]` is the text that became final with ids[i].  When a stop
@@ -540,7 +478,6 @@ class DetokDelta:
     token that completed it; later ids of that request are ignored.
     """
 
-    STRUCT: ClassVar[StructKind] = StructKind.DETOK_DELTA
     request_id: str
     first_index: int
     texts: list[str]
@@ -550,16 +487,14 @@ class DetokDelta:
     error: str = ""  # set (with stop_reason ERROR) when this request's ids could not be decoded
 
 
-@dataclass
-class DetokResult:
+class DetokResult(Wire):
     """Tokenizer -> gateway: answers to one DetokTokens."""
 
     KIND: ClassVar[MessageKind] = MessageKind.DETOK_RESULT
     deltas: list[DetokDelta]
 
 
-@dataclass
-class DetokClose:
+class DetokClose(Wire):
     """Gateway -> tokenizer: forget these requests."""
 
     KIND: ClassVar[MessageKind] = MessageKind.DETOK_CLOSE
@@ -573,13 +508,5 @@ MESSAGE_TYPES: dict[MessageKind, type] = {
         WorkerHello, Welcome, WorkerReady, Step, StepResult, StepFailed, Heartbeat, Shutdown,
         TokenizerHello, TokenizerGoodbye, Tokenize, TokenizeResult,
         DetokOpen, DetokTokens, DetokResult, DetokClose,
-    )
-}
-
-STRUCT_TYPES: dict[StructKind, type] = {
-    cls.STRUCT: cls
-    for cls in (
-        ModelInfo, LogitsParams, StopParams, GenerateRequest, TokenDetail, TokenOutput, NewSequence,
-        ScheduledChunk, SequenceOutput, TokenizedText, DetokParams, DetokItem, DetokDelta, StepStats,
     )
 }

@@ -7,9 +7,9 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
 import grpc
+from msgspec.structs import replace
 
 from services.common.protocol import DetokParams, GenerateRequest, StopReason
 from services.gateway.generation import FailedEvent, Generation, InputTokensEvent, TokenEvent
