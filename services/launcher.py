@@ -24,11 +24,12 @@ from pathlib import Path
 from services.common.config import knob, parse_config
 from services.common.logs import setup_logging
 from services.common.model_path import DEMO_MODEL
+from services.scheduler.admission import check_settings
 
 log = logging.getLogger("launcher")
 
 # TGIS launcher knobs that this pipeline accepts but does not act on (yet).
-ACCEPTED_NOT_USED = ("quantize", "max_prefill_padding", "batch_safety_margin", "shard_uds_path",
+ACCEPTED_NOT_USED = ("quantize", "max_prefill_padding", "shard_uds_path",
                      "otlp_endpoint", "otlp_service_name", "cuda_process_memory_fraction")
 
 
@@ -46,7 +47,8 @@ class LauncherConfig:
     max_new_tokens: int = knob(1024, "MAX_NEW_TOKENS", "max generated tokens per request")
     max_batch_size: int = knob(12, "MAX_BATCH_SIZE", "max sequences in the running batch")
     max_prefill_padding: float = knob(0.2, "MAX_PREFILL_PADDING", "TGIS padding limit (batches here are unpadded)")
-    batch_safety_margin: int = knob(20, "BATCH_SAFETY_MARGIN", "TGIS memory margin, percent")
+    batch_safety_margin: int = knob(20, "BATCH_SAFETY_MARGIN", "percent of the admission weight limit kept free")
+    estimate_memory: str = knob("auto", "ESTIMATE_MEMORY", "admission weight model: auto (from the KV block pool), manual or off")
     max_waiting_tokens: int = knob(24, "MAX_WAITING_TOKENS", "decode steps before waiting requests join anyway")
     port: int = knob(3000, "PORT", "HTTP /health and /metrics port", short="-p")
     grpc_port: int = knob(8033, "GRPC_PORT", "gRPC port", short="-g")
@@ -98,6 +100,10 @@ def check_config(config: LauncherConfig) -> None:
         raise SystemExit("max_concurrent_requests must be > 0")
     if config.num_tokenizers <= 0:
         raise SystemExit("num_tokenizers must be > 0")
+    try:
+        check_settings(config.estimate_memory, config.batch_safety_margin)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if bool(config.tls_cert_path) != bool(config.tls_key_path):
         raise SystemExit("tls: must provide both cert and key")
     if config.tls_client_ca_cert_path and not config.tls_cert_path:
@@ -152,6 +158,7 @@ class Launcher:
             "MODEL_NAME": c.model_name, "REVISION": c.revision, "DTYPE_STR": c.dtype_str or c.dtype,
             "MAX_SEQUENCE_LENGTH": c.max_sequence_length, "MAX_NEW_TOKENS": c.max_new_tokens,
             "MAX_BATCH_SIZE": c.max_batch_size, "MAX_WAITING_TOKENS": c.max_waiting_tokens,
+            "ESTIMATE_MEMORY": c.estimate_memory, "BATCH_SAFETY_MARGIN": c.batch_safety_margin,
             "MAX_CONCURRENT_REQUESTS": c.max_concurrent_requests, "PORT": c.port, "GRPC_PORT": c.grpc_port,
             "TLS_CERT_PATH": c.tls_cert_path, "TLS_KEY_PATH": c.tls_key_path,
             "TLS_CLIENT_CA_CERT_PATH": c.tls_client_ca_cert_path,
