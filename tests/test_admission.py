@@ -143,6 +143,19 @@ def test_queue_jumping_until_the_cutoff_and_the_counters():
     assert (result.queue_jumps, result.granular_additions, result.prefill_weight_exceeded) == (3, 2, 0)
 
 
+def test_entries_picked_after_a_granular_check_stay_in_it():
+    model = MemoryModel(1.0, 1.0, weight_limit=100)
+    waiting = [
+        Seq(60, 20),  # X: 80, picked
+        Seq(10, 5),   # Y: 70 + 25 = 95, picked without a granular check
+        Seq(4, 4),    # Z: 74 + 29 = 103 > 100; granular over (20,60) (5,10) (4,4): k=3 74 + 12 = 86 → fits
+        Seq(11, 4),   # V: 85 + 33 > 100; (20,60) (5,10) (4,11) (4,4): k=3 81 + 12 = 93, k=4 85 + 16 = 101 → skipped
+    ]
+    result = try_next_batch(waiting, [], 1, 12, model)
+    assert names(waiting, result.picked) == [0, 1, 2]
+    assert result.granular_additions == 1
+
+
 def test_running_entries_count_their_generated_tokens():
     # Limit 200: R has 100 + 40 tokens now and 10 to go → shape (10, 140).
     model = MemoryModel(1.0, 1.0, weight_limit=200)
