@@ -1,4 +1,4 @@
-"""Admission by memory: TGIS's flash weight model (spec §4.4) and try_next_batch (§4.2), against hand-computed cases."""
+"""Admission by memory: TGIS flash weight model (spec §4.4) and try_next_batch (§4.2) against hand-computed cases."""
 
 from __future__ import annotations
 
@@ -126,6 +126,7 @@ def test_exceeds_weight_without_a_limit_is_false():
 # --- try_next_batch -----------------------------------------------------------------------------------------------
 
 AUTO_800 = MemoryModel(1.0, 1.0, weight_limit=800)  # auto with a 1000-token pool and margin 20
+NOW = 2.0  # after every queue time below; the policy itself compares queue times only
 
 
 def test_queue_jumping_until_the_cutoff_and_the_counters():
@@ -138,7 +139,7 @@ def test_queue_jumping_until_the_cutoff_and_the_counters():
         Seq(1, 1, queued_at=1.5),      # E: at the cutoff exactly, still considered; (1,1) k=4 731+4=735 → fits
         Seq(1, 1, queued_at=1.75),     # F: queued after the cutoff → the walk stops, though it would fit
     ]
-    result = try_next_batch(waiting, [], min_size=1, size_limit=12, model=AUTO_800)
+    result = try_next_batch(waiting, [], min_size=1, size_limit=12, model=AUTO_800, now=NOW)
     assert names(waiting, result.picked) == [0, 2, 3, 4]
     assert (result.queue_jumps, result.granular_additions, result.prefill_weight_exceeded) == (3, 2, 0)
 
@@ -151,7 +152,7 @@ def test_entries_picked_after_a_granular_check_stay_in_it():
         Seq(4, 4),    # Z: 74 + 29 = 103 > 100; granular over (20,60) (5,10) (4,4): k=3 74 + 12 = 86 → fits
         Seq(11, 4),   # V: 85 + 33 > 100; (20,60) (5,10) (4,11) (4,4): k=3 81 + 12 = 93, k=4 85 + 16 = 101 → skipped
     ]
-    result = try_next_batch(waiting, [], 1, 12, model)
+    result = try_next_batch(waiting, [], 1, 12, model, now=NOW)
     assert names(waiting, result.picked) == [0, 1, 2]
     assert result.granular_additions == 1
 
@@ -162,8 +163,8 @@ def test_running_entries_count_their_generated_tokens():
     running = [Seq(100, 50, generated=40)]
     fits = Seq(40, 15)   # granular: (15,40) k=1 55; (10,140) k=2 180 + 20 = 200 ≤ 200
     over = Seq(41, 15)   # (10,140) k=2 181 + 20 = 201 > 200 (would fit if R were counted as (50, 100))
-    assert try_next_batch([fits], running, 1, 12, model).picked == [fits]
-    result = try_next_batch([over], running, 1, 12, model)
+    assert try_next_batch([fits], running, 1, 12, model, now=NOW).picked == [fits]
+    result = try_next_batch([over], running, 1, 12, model, now=NOW)
     assert result.picked == []
     assert result.granular_additions == 0
 
@@ -179,7 +180,7 @@ def test_prefill_limit_skips_count_twice_and_set_the_cutoff():
         Seq(1, 10, queued_at=1.5),     # E: jump, prefill 802, picked
         Seq(1, 10, queued_at=1.75),    # F: after the cutoff
     ]
-    result = try_next_batch(waiting, [], 1, 12, model)
+    result = try_next_batch(waiting, [], 1, 12, model, now=NOW)
     assert names(waiting, result.picked) == [0, 3, 4]
     assert (result.queue_jumps, result.granular_additions, result.prefill_weight_exceeded) == (3, 0, 4)
 
@@ -189,16 +190,16 @@ def test_prefill_limit_is_the_share_the_running_batch_leaves():
     model = MemoryModel(prefill_linear=2.0, next_token_linear=1.0, weight_limit=1000)
     running = [Seq(550, 100, generated=50)]
     waiting = [Seq(201, 10, queued_at=0.0), Seq(200, 10, queued_at=0.5)]  # prefill 402 > 400; 400 fits
-    result = try_next_batch(waiting, running, 1, 12, model)
+    result = try_next_batch(waiting, running, 1, 12, model, now=NOW)
     assert names(waiting, result.picked) == [1]
     assert (result.queue_jumps, result.prefill_weight_exceeded) == (1, 2)
-    assert names(waiting, try_next_batch(waiting, [], 1, 12, model).picked) == [0, 1]  # alone: limit 1000
+    assert names(waiting, try_next_batch(waiting, [], 1, 12, model, now=NOW).picked) == [0, 1]  # alone: limit 1000
 
 
 def test_nothing_when_the_running_batch_leaves_no_prefill_room():
     # Running initial weight int(2000 · 0.5) = 1000 = the limit → prefill limit 0.
     model = MemoryModel(prefill_linear=1.0, next_token_linear=0.5, weight_limit=1000)
-    result = try_next_batch([Seq(1, 1)], [Seq(2000, 10)], 1, 12, model)
+    result = try_next_batch([Seq(1, 1)], [Seq(2000, 10)], 1, 12, model, now=NOW)
     assert result.picked == []
     assert (result.queue_jumps, result.granular_additions, result.prefill_weight_exceeded) == (0, 0, 0)
 
@@ -206,30 +207,30 @@ def test_nothing_when_the_running_batch_leaves_no_prefill_room():
 def test_gives_up_when_the_rest_of_the_queue_cannot_reach_min_size():
     big, too_big, small = Seq(700, 50), Seq(100, 50), Seq(10, 5)  # too_big: 900 > 800 (see the jumping test)
     # min_size 2: after skipping too_big, 1 picked + 0 left < 2 → nothing at all, not even big.
-    assert try_next_batch([big, too_big], [], 2, 12, AUTO_800).picked == []
+    assert try_next_batch([big, too_big], [], 2, 12, AUTO_800, now=NOW).picked == []
     # With one more behind it, 1 + 1 ≥ 2: skip and go on.
-    assert try_next_batch([big, too_big, small], [], 2, 12, AUTO_800).picked == [big, small]
+    assert try_next_batch([big, too_big, small], [], 2, 12, AUTO_800, now=NOW).picked == [big, small]
 
 
 def test_min_size_is_not_checked_again_at_the_end():
     # The second entry is skipped by the prefill check, which does not test min_size: a batch of 1 < 2 comes back.
     model = MemoryModel(prefill_linear=2.0, next_token_linear=1.0, weight_limit=1000)
     first = Seq(300, 10)
-    assert try_next_batch([first, Seq(300, 10)], [], 2, 12, model).picked == [first]
+    assert try_next_batch([first, Seq(300, 10)], [], 2, 12, model, now=NOW).picked == [first]
 
 
 def test_min_size_and_size_limit():
     waiting = [Seq(10, 10) for _ in range(3)]
     running = [Seq(10, 10) for _ in range(3)]
-    assert try_next_batch(waiting[:1], [], 2, 12, AUTO_800).picked == []  # 1 waiting < min_size 2
-    assert try_next_batch(waiting, running, 2, 4, AUTO_800).picked == []  # 3 running + 2 > 4
-    assert try_next_batch(waiting, running, 1, 4, AUTO_800).picked == waiting[:1]  # stops at the size limit
+    assert try_next_batch(waiting[:1], [], 2, 12, AUTO_800, now=NOW).picked == []  # 1 waiting < min_size 2
+    assert try_next_batch(waiting, running, 2, 4, AUTO_800, now=NOW).picked == []  # 3 running + 2 > 4
+    assert try_next_batch(waiting, running, 1, 4, AUTO_800, now=NOW).picked == waiting[:1]  # stops at the size limit
 
 
 def test_off_mode_limits_by_batch_size_only():
     off = MemoryModel.from_config("off", 20, 2048, 12, kv_pool_tokens=0)
     waiting = [Seq(10**6, 10**6, queued_at=i) for i in range(10)]
-    result = try_next_batch(waiting, [Seq(10**6, 10**6)] * 2, 1, 5, off)
+    result = try_next_batch(waiting, [Seq(10**6, 10**6)] * 2, 1, 5, off, now=NOW)
     assert result.picked == waiting[:3]
     assert (result.queue_jumps, result.granular_additions, result.prefill_weight_exceeded) == (0, 0, 0)
 

@@ -135,8 +135,11 @@ class Admission:
 
 
 def try_next_batch(waiting: Sequence[Entry], running: Sequence[Entry], min_size: int, size_limit: int,
-                   model: MemoryModel) -> Admission:
-    """Pick waiting entries to join the running ones, TGIS's `try_next_batch` for flash batches (spec §4.2)."""
+                   model: MemoryModel, now: float) -> Admission:
+    """Pick waiting entries to join the running ones, TGIS's `try_next_batch` for flash batches (spec §4.2).
+
+    `now` is part of the batcher's interface but TGIS's policy does not read it: the cutoff compares queue times only.
+    """
     result = Admission()
     # 1. Enough waiting entries, and room for them under the batch size?
     if len(waiting) < min_size or len(running) + min_size > size_limit:
