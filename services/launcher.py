@@ -24,6 +24,7 @@ from pathlib import Path
 from services.common.config import knob, parse_config
 from services.common.logs import setup_logging
 from services.common.model_path import DEMO_MODEL
+from services.gateway.tls import tls_files_error
 from services.scheduler.admission import check_settings
 
 log = logging.getLogger("launcher")
@@ -104,10 +105,10 @@ def check_config(config: LauncherConfig) -> None:
         check_settings(config.estimate_memory, config.batch_safety_margin)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    if bool(config.tls_cert_path) != bool(config.tls_key_path):
-        raise SystemExit("tls: must provide both cert and key")
-    if config.tls_client_ca_cert_path and not config.tls_cert_path:
-        raise SystemExit("tls: cannot provide client ca cert without keypair")
+    # Before any model loads: a bad certificate or key must not cost a model load to find out.
+    tls_problem = tls_files_error(config.tls_cert_path, config.tls_key_path, config.tls_client_ca_cert_path)
+    if tls_problem:
+        raise SystemExit(tls_problem)
     defaults = {f.name: f.default for f in dataclasses.fields(LauncherConfig)}
     for name in ACCEPTED_NOT_USED:
         if getattr(config, name) != defaults[name]:

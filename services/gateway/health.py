@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+from collections.abc import Callable
 
 from grpc_health.v1 import health, health_pb2
 
@@ -50,6 +51,8 @@ class HealthChecker:
         self.probe_servicer = probe_servicer if probe_servicer is not None else servicer
         self.timeout = timeout
         self.last_generation_ok = False
+        # Name of a gateway loop (tokenizer pool, scheduler connection) that has stopped, or None.
+        self.dead_loop: Callable[[], str | None] = lambda: None
         self._lock = asyncio.Lock()
 
     def record(self, ok: bool) -> None:
@@ -59,6 +62,10 @@ class HealthChecker:
         servicer = self.servicer
         if servicer.draining:
             return False, "shutting down"
+        if dead := self.dead_loop():
+            return False, f"the gateway's {dead} loop stopped"
+        if not servicer.scheduler.reachable:
+            return False, "scheduler not answering"
         if servicer.scheduler.info is None:
             return False, "model not loaded"
         if not servicer.pool.members:

@@ -23,31 +23,22 @@ from services.common.config import parse_config
 from services.common.logs import setup_logging
 from services.gateway.config import GatewayConfig
 from services.gateway.health import GrpcHealthServicer, HealthChecker, quiet_copy
+from services.gateway.interceptors import SERVICE_NAME, DecodeErrorInterceptor, DrainInterceptor
 from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from services.gateway.pb import generation_pb2_grpc
 from services.gateway.scheduler_client import SchedulerClient, make_gateway_id
-from services.gateway.servicer import GenerationServicer
+from services.gateway.servicer import MAX_SEND_MESSAGE_BYTES, GenerationServicer
+from services.gateway.tls import tls_files_error
 from services.gateway.tokenizer_pool import TokenizerPool
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "fmaas.GenerationService"
-DRAINING_MESSAGE = "Server is shutting down"
 
 
 def _fail(message: str) -> NoReturn:
     """A start-up error: logged (so it reaches the launcher's log) and exit status 1."""
     log.error(message)
     raise SystemExit(1)
-
-
-def tls_error(cert: str | None, key: str | None, client_ca: str | None) -> str | None:
-    """TGIS's start-up error for half-given TLS settings, or None."""
-    if bool(cert) != bool(key):
-        return "tls: must provide both cert and key"
-    if client_ca and not cert:
-        return "tls: cannot provide client ca cert without keypair"
-    return None
 
 
 def _load_pem(path: str, name: str) -> bytes:
@@ -59,7 +50,7 @@ def _load_pem(path: str, name: str) -> bytes:
 
 def tls_credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
     """Server credentials from the TLS paths; a client CA makes client certificates required (mTLS)."""
-    error = tls_error(config.tls_cert_path, config.tls_key_path, config.tls_client_ca_cert_path)
+    error = tls_files_error(config.tls_cert_path, config.tls_key_path, config.tls_client_ca_cert_path)
     if error:
         _fail(error)
     if not config.tls_cert_path:
@@ -70,25 +61,6 @@ def tls_credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
         ca = _load_pem(config.tls_client_ca_cert_path, "client ca cert")
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
     return grpc.ssl_server_credentials([(key, cert)])
-
-
-class DrainInterceptor(grpc.aio.ServerInterceptor):
-    """While draining, every new GenerationService call is refused with UNAVAILABLE (health checks still work)."""
-
-    def __init__(self, draining) -> None:
-        self.draining = draining
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or not self.draining() or not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
-            return handler
-
-        async def refuse(_request, context):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
-
-        make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
-        return make(refuse, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
 
 
 class Gateway:
@@ -106,7 +78,11 @@ class Gateway:
         self.stop_requested = asyncio.Event()
 
     async def run(self) -> None:
-        tasks = [asyncio.create_task(self.pool.run()), asyncio.create_task(self.scheduler.run())]
+        self.loops = {"tokenizer pool": asyncio.create_task(self.pool.run()),
+                      "scheduler connection": asyncio.create_task(self.scheduler.run())}
+        for name, task in self.loops.items():
+            task.add_done_callback(lambda done, name=name: self._loop_ended(name, done))
+        tasks = list(self.loops.values())
         log.info("waiting for the scheduler at %s (tokenizers join at %s)", self.config.scheduler_endpoint,
                  self.config.tokenizer_endpoint)
         ready = asyncio.create_task(self.scheduler.ready.wait())
@@ -127,6 +103,7 @@ class Gateway:
             output_special_tokens=self.config.output_special_tokens,
         )
         self.health = HealthChecker(self.servicer, self.config.health_timeout)
+        self.health.dead_loop = self._dead_loop
         self.servicer.on_generation_result = self.health.record
         # The probe's generation is not a client request: it is not counted in the metrics.
         self.health.probe_servicer = quiet_copy(self.servicer)
@@ -148,12 +125,21 @@ class Gateway:
             task.cancel()
         self.ctx.destroy(linger=0)
 
+    def _dead_loop(self) -> str | None:
+        return next((name for name, task in self.loops.items() if task.done()), None)
+
+    @staticmethod
+    def _loop_ended(name: str, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the %s loop stopped: %r; health reports it until a restart", name, task.exception())
+
     async def _start_grpc(self) -> grpc.aio.Server:
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
         ]
-        server = grpc.aio.server(options=options, interceptors=[DrainInterceptor(lambda: self.servicer.draining)])
+        interceptors = [DrainInterceptor(lambda: self.servicer.draining), DecodeErrorInterceptor()]
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
         address = f"{self.config.host}:{self.config.grpc_port}"

@@ -54,6 +54,8 @@ class SchedulerClient:
         self.on_finished: Callable[[Generation], None] = lambda generation: None
         # Told of each RequestFailed (message, the generations it failed), for the step-failure metrics.
         self.on_failed: Callable[[str, list[Generation]], None] = lambda message, generations: None
+        # False from the moment the scheduler is declared lost until it answers again: new calls fail at once.
+        self.reachable = True
         self._pings: dict[int, asyncio.Future] = {}
         self._nonces = itertools.count(1)
 
@@ -84,20 +86,29 @@ class SchedulerClient:
             self._pings.pop(nonce, None)
 
     async def run(self) -> None:
-        """Say hello (again every second until the model info arrives), then route messages forever."""
-        loop = asyncio.get_running_loop()
-        helpers = [loop.create_task(self._hello_until_ready()), loop.create_task(self._watch_scheduler())]
-        try:
-            while True:
-                try:
-                    message = await async_recv(self.sock)
-                except ProtocolError as exc:
-                    log.warning("dropping bad message from the scheduler: %s", exc)
-                    continue
+        """Say hello (again every second until the model info arrives), then route messages until cancelled.
+
+        Ends (with an error) only if one of its loops breaks, which the health check reports.
+        """
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._hello_until_ready())
+            group.create_task(self._watch_scheduler())
+            group.create_task(self._receive())
+
+    async def _receive(self) -> None:
+        while True:
+            try:
+                message = await async_recv(self.sock)
+            except ProtocolError as exc:
+                log.warning("dropping bad message from the scheduler: %s", exc)
+                continue
+            if not self.reachable:
+                log.info("scheduler answers again")
+                self.reachable = True
+            try:
                 self._dispatch(message)
-        finally:
-            for task in helpers:
-                task.cancel()
+            except Exception:  # one message's bug must not stop the routing of everyone else's tokens
+                log.exception("failed to handle a %s from the scheduler", type(message).__name__)
 
     async def _watch_scheduler(self, interval: float = 2.0, misses_allowed: int = 3) -> None:
         """Fail in-flight requests when the scheduler stops answering pings, rather than leave them hanging."""
@@ -107,8 +118,6 @@ class SchedulerClient:
             await asyncio.sleep(interval)
             try:
                 await self.ping(timeout=interval)
-                if misses >= misses_allowed:
-                    log.info("scheduler answers again")
                 misses = 0
             except TimeoutError:
                 misses += 1
@@ -116,6 +125,7 @@ class SchedulerClient:
                     self.scheduler_lost()
 
     def scheduler_lost(self) -> None:
+        self.reachable = False
         lost = list(self.generations.values())
         log.error("scheduler at %s stopped answering; failing %d in-flight request(s)", self.endpoint, len(lost))
         for generation in lost:

@@ -29,6 +29,10 @@ from services.gateway.validation import (
 
 log = logging.getLogger(__name__)
 
+# gRPC's send limit; a request whose reply could not fit is refused before any work.
+MAX_SEND_MESSAGE_BYTES = 64 * 1024 * 1024
+SCHEDULER_UNAVAILABLE = "Scheduler unavailable: not answering, try again later"
+
 
 class ConcurrencyLimiter:
     """TGIS's permits: one per input, taken without waiting."""
@@ -76,7 +80,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     @property
     def limits(self) -> Limits:
         return Limits(self.model.max_sequence_length, self.model.max_new_tokens, self.default_include_stop_seqs,
-                      self._special_prefix or ())
+                      self._special_prefix or (), self.model.vocab_size, MAX_SEND_MESSAGE_BYTES)
 
     async def _learn_special_prefix(self) -> None:
         """Which special ids the tokenizer puts before every text (e.g. a BOS), asked once."""
@@ -91,9 +95,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     # ------------------------------------------------------------------ shared steps
 
-    async def _refuse_if_draining(self, context: grpc.aio.ServicerContext) -> None:
+    async def _refuse_if_unavailable(self, context: grpc.aio.ServicerContext) -> None:
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "Server is shutting down")
+        if not self.scheduler.reachable:
+            # Fail now rather than queue behind a scheduler that may never answer.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SCHEDULER_UNAVAILABLE)
 
     async def _validate(self, texts: list[str], params_pb, prefix_id: str | None, received_at: float,
                         context) -> tuple[ValidatedParams, list[ValidatedInput]]:
@@ -133,17 +140,22 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         """Open a detokenizer for each input and queue them all as one submission."""
         generations, requests = [], []
         correlation_id = _correlation_id(context)
-        for validated in inputs:
-            request_id = f"{self.scheduler.gateway_id}-{next(self._ids)}"
-            logits = replace(params.logits, seed=validated.seed)
-            generation = Generation(request_id, params, validated, correlation_id=correlation_id)
-            detok = DetokParams(
-                params.stop_sequences, params.include_stop_sequence, not self.output_special_tokens,
-                self.model.eos_token_id, params.min_new_tokens, stream,
-            )
-            await self.pool.open_session(request_id, detok, self._delta_handler(generation))
-            generations.append(generation)
-            requests.append(GenerateRequest(request_id, validated.input_ids, logits, validated.stop, received_at))
+        try:
+            for validated in inputs:
+                request_id = f"{self.scheduler.gateway_id}-{next(self._ids)}"
+                logits = replace(params.logits, seed=validated.seed)
+                generation = Generation(request_id, params, validated, correlation_id=correlation_id)
+                detok = DetokParams(
+                    params.stop_sequences, params.include_stop_sequence, not self.output_special_tokens,
+                    self.model.eos_token_id, params.min_new_tokens, stream,
+                )
+                await self.pool.open_session(request_id, detok, self._delta_handler(generation))
+                generations.append(generation)
+                requests.append(GenerateRequest(request_id, validated.input_ids, logits, validated.stop, received_at))
+        except BaseException:  # cancelled while waiting for a tokenizer: close what was opened
+            for generation in generations:
+                self.pool.close(generation.request_id)
+            raise
         self.scheduler.submit(generations, requests)
         return generations
 
@@ -159,8 +171,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def _abandon(self, generations: list[Generation]) -> None:
         unfinished = [g.request_id for g in generations if not g.finished]
         if unfinished:
-            self.metrics.request_failure.labels("cancelled").inc(len(unfinished))
             self.scheduler.cancel(unfinished)
+
+    def _count_cancelled(self, inputs: int, generations: list[Generation]) -> None:
+        """The client went away: each of its inputs not finished counts once, whatever stage it had reached."""
+        unfinished = inputs - sum(g.finished for g in generations)
+        if unfinished > 0:
+            self.metrics.request_failure.labels("cancelled").inc(unfinished)
 
     def _record_success(self, generation: Generation, event: TokenEvent, kind: str, received_at: float) -> None:
         # End to end from the call's arrival (wall clock `received_at`), as TGIS's start_time.
@@ -179,7 +196,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.metrics.request_count.labels("single" if n == 1 else "batch").inc()
         if n == 0:
             return pb.BatchedGenerationResponse()
-        await self._refuse_if_draining(context)
+        await self._refuse_if_unavailable(context)
         self.metrics.request_input_count.inc(n)
         if not self.limiter.try_acquire(n):
             self.metrics.request_failure.labels("conc_limit").inc()
@@ -212,6 +229,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 for g, r, (text, final, tokens, input_tokens) in zip(generations, request.requests, results, strict=True)
             ]
             return pb.BatchedGenerationResponse(responses=responses)
+        except asyncio.CancelledError:
+            self._count_cancelled(len(request.requests), generations)
+            raise
         finally:
             self._abandon(generations)
 
@@ -246,7 +266,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def GenerateStream(self, request: pb.SingleGenerationRequest, context):
         received_at = time.time()
         self.metrics.request_count.labels("stream").inc()
-        await self._refuse_if_draining(context)
+        await self._refuse_if_unavailable(context)
         self.metrics.request_input_count.inc()
         if not self.limiter.try_acquire(1):
             self.metrics.request_failure.labels("conc_limit").inc()
@@ -288,6 +308,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 yield message
                 if final:
                     return
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed while waiting to send a message
+            self._count_cancelled(1, generations)
+            raise
         finally:
             self._abandon(generations)
             self.limiter.release(1)

@@ -1,8 +1,9 @@
 """The gateway's side of the tokenizer pool: membership, load balancing and failover.
 
-Tokenizer processes connect to this ROUTER socket and announce themselves;
-any message from an unknown peer counts as a join, and a member that misses
-heartbeats for `heartbeat_timeout` seconds (or says goodbye) leaves.  Work
+Tokenizer processes connect to this ROUTER socket and join with a
+`TokenizerHello`; a member is its socket identity, so messages from a peer
+that never said hello are ignored.  A member that misses heartbeats for
+`heartbeat_timeout` seconds (or says goodbye) leaves.  Work
 moves off a lost member instead of being lost with it: tokenization jobs are
 re-sent to another member, and each detokenization session is re-opened on
 another member with the ids it had already turned into text (`replay_ids`),
@@ -232,18 +233,22 @@ class TokenizerPool:
     # ------------------------------------------------------------------ loop
 
     async def run(self) -> None:
-        """Receive from members and watch their heartbeats, until cancelled."""
-        watchdog = asyncio.get_running_loop().create_task(self._watch_heartbeats())
-        try:
-            while True:
-                try:
-                    identity, message = await async_recv_from(self.sock)
-                except ProtocolError as exc:
-                    log.warning("dropping bad message from a tokenizer: %s", exc)
-                    continue
+        """Receive from members and watch their heartbeats until cancelled; ends (with an error) only if one breaks."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._watch_heartbeats())
+            group.create_task(self._receive())
+
+    async def _receive(self) -> None:
+        while True:
+            try:
+                identity, message = await async_recv_from(self.sock)
+            except ProtocolError as exc:
+                log.warning("dropping bad message from a tokenizer: %s", exc)
+                continue
+            try:
                 self._dispatch(identity, message)
-        finally:
-            watchdog.cancel()
+            except Exception:  # one message's bug must not stop the pool serving everyone else
+                log.exception("failed to handle a %s from a tokenizer", type(message).__name__)
 
     def _dispatch(self, identity: bytes, message: object) -> None:
         if isinstance(message, TokenizerGoodbye):
@@ -251,8 +256,10 @@ class TokenizerPool:
             return
         member = self.members.get(identity)
         if member is None:
-            name = message.name if isinstance(message, TokenizerHello) else getattr(message, "sender", repr(identity))
-            self._join(identity, name)
+            if not isinstance(message, TokenizerHello):
+                log.warning("ignoring a %s from a peer that never joined the pool", type(message).__name__)
+                return
+            self._join(identity, message.name)
             member = self.members[identity]
         member.last_seen = time.monotonic()
         if isinstance(message, TokenizeResult):

@@ -3,10 +3,13 @@
 `convert_and_validate` covers checks 1-12 of the TGIS table (everything that
 needs no tokenizer); `check_input` covers the per-input length checks after
 tokenization (13-15), truncation, the TOKEN_LIMIT lowering and random seeds.
+Deliberate additions to TGIS: NaN or infinite float parameters, empty inputs
+(no tokens) and replies too large for a gRPC message are refused up front.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,6 +20,9 @@ from services.gateway.pb import generation_pb2 as pb
 MAX_STOP_SEQS = 6
 MAX_STOP_SEQ_LENGTH = 240  # UTF-8 bytes
 DEFAULT_MAX_NEW_TOKENS = 20
+# Serialized size of one TokenInfo and of each of its top tokens (text, logprob, framing), for the reply estimate.
+TOKEN_INFO_BYTES = 32
+TOP_TOKEN_BYTES = 24
 STOP_SEQ_ERROR = (
     f"can specify at most {MAX_STOP_SEQS} non-empty stop sequences, each not more than {MAX_STOP_SEQ_LENGTH} UTF8 bytes"
 )
@@ -35,6 +41,8 @@ class Limits:
     default_include_stop_seqs: bool = True
     # Special tokens the tokenizer puts before every text (a BOS): truncation keeps them in front.
     special_prefix: tuple[int, ...] = ()
+    vocab_size: int = 0  # top_n_tokens is capped at it; 0 = unknown
+    max_reply_bytes: int = 0  # the gRPC send limit a reply's estimated size must fit; 0 = none
 
 
 @dataclass
@@ -75,6 +83,7 @@ def convert_and_validate(params: pb.Parameters | None, limits: Limits, received_
     response = p.response if has("response") else pb.ResponseOptions()
     decoding = p.decoding if has("decoding") else pb.DecodingParameters()
     stopping = p.stopping if has("stopping") else pb.StoppingCriteria()
+    _check_finite(p)
 
     temperature, top_k, top_p, typical_p, seed = 0.0, 0, 1.0, 0.0, None
     if p.method == pb.SAMPLE:
@@ -131,8 +140,8 @@ def convert_and_validate(params: pb.Parameters | None, limits: Limits, received_
         length_penalty_decay=length_penalty.decay_factor if length_penalty is not None else 0.0,
         min_new_tokens=min_new_tokens,
         token_logprobs=response.token_logprobs, token_ranks=response.token_ranks,
-        # top_n above the documented 5 is accepted, as in TGIS (the worker caps it at the vocab size).
-        top_n_tokens=response.top_n_tokens,
+        # top_n above the documented 5 is accepted, as in TGIS, up to the vocabulary size.
+        top_n_tokens=min(response.top_n_tokens, limits.vocab_size) if limits.vocab_size else response.top_n_tokens,
         generated_details=response.generated_tokens, input_details=response.input_tokens,
     )
     return ValidatedParams(
@@ -140,6 +149,25 @@ def convert_and_validate(params: pb.Parameters | None, limits: Limits, received_
         stop_sequences=stop_sequences, include_stop_sequence=include_stop, deadline=deadline,
         truncate_input_tokens=p.truncate_input_tokens, input_text=response.input_text, seed=seed,
     )
+
+
+def _check_finite(p: pb.Parameters) -> None:
+    """Refuse NaN and infinities, which TGIS passes through to nonsense output (empty text, repeated words)."""
+    fields = [("sampling.temperature", p.sampling.temperature), ("sampling.top_p", p.sampling.top_p),
+              ("sampling.typical_p", p.sampling.typical_p),
+              ("decoding.repetition_penalty", p.decoding.repetition_penalty),
+              ("decoding.length_penalty.decay_factor", p.decoding.length_penalty.decay_factor)]
+    for name, value in fields:
+        if not math.isfinite(value):
+            raise ValidationError(f"{name} must be a finite number, got {value}")
+
+
+def estimated_reply_bytes(params: ValidatedParams, input_length: int, max_new_tokens: int) -> int:
+    """Upper-bound-ish size of the token details of one unary reply (the largest part of any reply)."""
+    logits = params.logits
+    per_token = TOKEN_INFO_BYTES + logits.top_n_tokens * TOP_TOKEN_BYTES
+    tokens = (input_length if logits.input_details else 0) + (max_new_tokens if logits.generated_details else 0)
+    return tokens * per_token
 
 
 def _truncate(ids: TokenIds, keep: int, special_prefix: tuple[int, ...]) -> TokenIds:
@@ -153,6 +181,9 @@ def check_input(ids: TokenIds, params: ValidatedParams, limits: Limits, prefix_l
     """TGIS checks 14-15 for one tokenized input, then truncation, TOKEN_LIMIT lowering and the seed."""
     input_ids = token_ids(ids)
     input_length = len(input_ids)
+    if input_length == 0:
+        # A decoder-only model has nothing to continue from: refused rather than started from an implicit BOS.
+        raise ValidationError("input text has no tokens; an empty prompt cannot be generated from")
     if 0 < params.truncate_input_tokens < input_length:
         input_length = params.truncate_input_tokens
         input_ids = _truncate(input_ids, input_length, limits.special_prefix)
@@ -169,6 +200,12 @@ def check_input(ids: TokenIds, params: ValidatedParams, limits: Limits, prefix_l
     max_new_tokens, token_limited = params.max_new_tokens, False
     if total + max_new_tokens > limits.max_sequence_length:
         max_new_tokens, token_limited = limits.max_sequence_length - total, True
+    reply_bytes = estimated_reply_bytes(params, input_length, max_new_tokens)
+    if limits.max_reply_bytes and reply_bytes > limits.max_reply_bytes:
+        raise ValidationError(
+            f"token details of {input_length} input and up to {max_new_tokens} generated tokens with "
+            f"top_n_tokens={params.logits.top_n_tokens} would make a reply of about {reply_bytes // 2**20} MiB, over the "
+            f"{limits.max_reply_bytes // 2**20} MiB message limit: ask for fewer top tokens or fewer tokens")
     if not params.sampling:
         seed = 0
     elif params.seed is not None:

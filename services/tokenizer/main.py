@@ -1,19 +1,30 @@
-"""The tokenizer process: joins the gateway's tokenizer pool over ZeroMQ and serves tokenize/detokenize work."""
+"""The tokenizer process: joins the gateway's tokenizer pool over ZeroMQ and serves tokenize/detokenize work.
+
+Two threads: the main thread owns the socket (receives, sends replies, sends
+heartbeats on time, joins again after every reconnection), a work thread does
+the tokenizer work.  Tokenizations are served before detokenization work, and
+long token details are built in chunks with waiting tokenizations served in
+between, so one huge request delays neither the heartbeats nor new requests.
+"""
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 from tokenizers import Tokenizer
+from zmq.utils.monitor import recv_monitor_message
 
-from services.common.codec import encode
+from services.common.codec import ProtocolError, decode, encode
 from services.common.config import parse_config
 from services.common.logs import setup_logging
 from services.common.model_path import resolve_model_path
@@ -30,7 +41,7 @@ from services.common.protocol import (
     TokenizerGoodbye,
     TokenizerHello,
 )
-from services.common.zmq_io import make_socket, recv
+from services.common.zmq_io import make_socket
 from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.detokenizer import Detokenizer, TextDecoder
 from services.tokenizer.encoding import is_encoder_decoder, load_tokenizer, tokenize
@@ -38,6 +49,7 @@ from services.tokenizer.encoding import is_encoder_decoder, load_tokenizer, toke
 logger = logging.getLogger(__name__)
 
 GOODBYE_LINGER_MS = 1000  # how long the goodbye may wait for a slow or absent gateway
+PIECE_CHUNK = 4096  # vocabulary pieces looked up between two looks at waiting tokenizations
 
 
 class TokenizerService:
@@ -47,6 +59,8 @@ class TokenizerService:
         self.tokenizer = tokenizer
         self.decoder = decoder
         self.open: dict[str, Detokenizer] = {}
+        # Called between chunks of a long piece lookup, to serve more urgent work meanwhile.
+        self.between_chunks: Callable[[], None] = lambda: None
 
     def handle(self, message: Any) -> Any | None:
         """The reply to `message`, or None when it needs none."""
@@ -77,7 +91,7 @@ class TokenizerService:
             return DetokDelta(item.request_id, item.first_index, texts=[])
         try:
             delta = detokenizer.feed(item.ids, item.first_index, item.stop_reason)
-            delta.pieces = [self.decoder.piece(token_id) for token_id in item.piece_ids]
+            delta.pieces = self._pieces(item.piece_ids)
         except Exception as exc:  # e.g. an unsupported decoder type: fail this request only, keep serving
             logger.exception("Detokenization of %s failed", item.request_id)
             del self.open[item.request_id]
@@ -86,6 +100,76 @@ class TokenizerService:
         if detokenizer.finished:
             del self.open[item.request_id]
         return delta
+
+
+    def _pieces(self, ids) -> list[str]:
+        pieces: list[str] = []
+        for start in range(0, len(ids), PIECE_CHUNK):
+            if start:
+                self.between_chunks()
+            pieces.extend(self.decoder.piece(token_id) for token_id in ids[start:start + PIECE_CHUNK])
+        return pieces
+
+
+class WorkThread(threading.Thread):
+    """Runs `service.handle` off the socket thread; tokenizations jump ahead of detokenization work.
+
+    Detokenization messages keep their order (a request's state depends on it);
+    tokenizations are stateless, so they may overtake.  Replies go back to the
+    socket thread as encoded frames through an inproc PAIR socket.
+    """
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, service: TokenizerService) -> None:
+        super().__init__(name="tokenizer-work", daemon=True)
+        self.ctx, self.endpoint, self.service = ctx, endpoint, service
+        self.urgent: collections.deque = collections.deque()
+        self.ordered: collections.deque = collections.deque()
+        self.ready = threading.Condition()
+        self.stopped = False
+        service.between_chunks = self._serve_urgent
+
+    def put(self, message: Any) -> None:
+        with self.ready:
+            (self.urgent if isinstance(message, Tokenize) else self.ordered).append(message)
+            self.ready.notify()
+
+    def stop(self) -> None:
+        with self.ready:
+            self.stopped = True
+            self.ready.notify()
+        self.join(timeout=5.0)
+
+    def run(self) -> None:
+        self.out = self.ctx.socket(zmq.PAIR)
+        self.out.connect(self.endpoint)
+        try:
+            while True:
+                with self.ready:
+                    self.ready.wait_for(lambda: self.stopped or self.urgent or self.ordered)
+                    if self.stopped:
+                        return
+                    queue = self.urgent if self.urgent else self.ordered
+                    message = queue.popleft()
+                self._handle(message)
+        finally:
+            self.out.close(linger=0)
+
+    def _serve_urgent(self) -> None:
+        while True:
+            with self.ready:
+                if not self.urgent:
+                    return
+                message = self.urgent.popleft()
+            self._handle(message)
+
+    def _handle(self, message: Any) -> None:
+        try:
+            reply = self.service.handle(message)
+        except Exception:  # one message's failure must not stop this process serving the others
+            logger.exception("Failed to handle a %s message", type(message).__name__)
+            return
+        if reply is not None:
+            self.out.send_multipart(encode(reply), copy=False)
 
 
 class _Stopper:
@@ -105,14 +189,18 @@ class _Stopper:
 
 
 def serve(config: TokenizerConfig, name: str, service: TokenizerService, stopper: _Stopper) -> None:
-    """Join the gateway's pool and answer its messages until a signal asks to stop."""
+    """Join the gateway's pool (again after each reconnection) and answer its messages until a signal asks to stop."""
     ctx = zmq.Context()
     sock = make_socket(ctx, zmq.DEALER, connect=config.gateway_endpoint)
+    # The gateway knows members by connection: a new connection (first, or to a restarted gateway) joins anew.
+    connections = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+    replies = ctx.socket(zmq.PAIR)
+    replies.bind(f"inproc://tokenizer-replies-{id(replies)}")
+    worker = WorkThread(ctx, replies.get_string(zmq.LAST_ENDPOINT), service)
+    worker.start()
     poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    poller.register(stopper.wake, zmq.POLLIN)
-    _send(sock, TokenizerHello(name=name, pid=os.getpid()))
-    logger.info("Joined the tokenizer pool at %s as %s", config.gateway_endpoint, name)
+    for polled in (sock, replies, connections, stopper.wake):
+        poller.register(polled, zmq.POLLIN)
     next_heartbeat = time.monotonic() + config.heartbeat_interval
     try:
         while not stopper.stopping:
@@ -120,38 +208,47 @@ def serve(config: TokenizerConfig, name: str, service: TokenizerService, stopper
             events = dict(poller.poll(timeout_ms))
             if stopper.wake in events:
                 stopper.wake.recv(512)  # the signal's wake-up byte has done its job
+            if connections in events:
+                recv_monitor_message(connections)
+                _send(sock, TokenizerHello(name=name, pid=os.getpid()))
+                logger.info("Joined the tokenizer pool at %s as %s", config.gateway_endpoint, name)
             if sock in events:
-                _serve_one(sock, service)
+                _receive_one(sock, worker)
+            while replies.poll(0):
+                _send_frames(sock, replies.recv_multipart(), "reply")
             if time.monotonic() >= next_heartbeat:
                 _send(sock, Heartbeat(sender=name))
                 next_heartbeat = time.monotonic() + config.heartbeat_interval
         _send(sock, TokenizerGoodbye(name=name))
         logger.info("Left the tokenizer pool at %s", config.gateway_endpoint)
     finally:
+        worker.stop()
+        sock.disable_monitor()
+        connections.close(linger=0)
+        replies.close(linger=0)
         sock.close(linger=GOODBYE_LINGER_MS)
         ctx.term()
 
 
 def _send(sock: zmq.Socket, message: Any) -> None:
+    _send_frames(sock, encode(message), type(message).__name__)
+
+
+def _send_frames(sock: zmq.Socket, frames: list, what: str) -> None:
     """Send without blocking: a gateway gone long enough to fill the queue must not freeze this process."""
     try:
-        sock.send_multipart(encode(message), zmq.NOBLOCK, copy=False)
+        sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
     except zmq.Again:
-        logger.warning("Gateway unreachable (send queue full), dropped a %s message", type(message).__name__)
+        logger.warning("Gateway unreachable (send queue full), dropped a %s message", what)
 
 
-def _serve_one(sock: zmq.Socket, service: TokenizerService) -> None:
+def _receive_one(sock: zmq.Socket, worker: WorkThread) -> None:
     try:
-        message = recv(sock)
-    except Exception as exc:  # garbage from the wire must never take the process down
+        message = decode(sock.recv_multipart())
+    except ProtocolError as exc:  # garbage from the wire must never take the process down
         logger.error("Skipping a message that cannot be decoded: %s", exc)
         return
-    try:
-        reply = service.handle(message)
-        if reply is not None:
-            _send(sock, reply)
-    except Exception:
-        logger.exception("Failed to handle a %s message", type(message).__name__)
+    worker.put(message)
 
 
 def main(argv: list[str] | None = None) -> int:
