@@ -49,6 +49,13 @@ def recv_from(sock: zmq.Socket) -> tuple[bytes, Any]:
     return identity, decode(frames)
 
 
+def recv_from_with_fd(sock: zmq.Socket) -> tuple[bytes, int, Any]:
+    """`recv_from`, plus the file descriptor of the connection it came on (-1 if unknown), for disconnect events."""
+    identity, *frames = sock.recv_multipart(copy=False)
+    fd = frames[-1].get(zmq.SRCFD) if frames else -1
+    return identity.bytes, fd, decode([frame.bytes for frame in frames])
+
+
 async def async_send(sock: zmq.asyncio.Socket, message: Any) -> None:
     await sock.send_multipart(encode(message), copy=False)
 

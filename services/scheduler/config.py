@@ -19,6 +19,7 @@ class SchedulerConfig:
     step_endpoint: str = knob("tcp://127.0.0.1:5561", "WORKER_STEP_ENDPOINT", "PUB socket for steps to worker ranks (bind)")
     result_endpoint: str = knob("tcp://127.0.0.1:5562", "WORKER_RESULT_ENDPOINT", "ROUTER socket for worker results (bind)")
     worker_timeout: float = knob(30.0, "WORKER_TIMEOUT_S", "seconds without a heartbeat after which a worker rank is declared lost")
+    step_timeout: float = knob(120.0, "STEP_TIMEOUT_S", "seconds a step may go without a result before the worker group is declared lost")
 
     def __post_init__(self) -> None:
         check_settings(self.estimate_memory, self.batch_safety_margin)  # at start-up, not when the workers are ready

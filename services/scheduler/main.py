@@ -3,7 +3,8 @@
 Loop (one thread, one poller):
   1. receive gateway messages (hello, submit, cancel, ping) and worker messages
      (hello, ready, step results, failures, heartbeats);
-  2. declare ranks lost when their heartbeats stop, failing the running batch;
+  2. declare the worker group lost when a rank disconnects, its heartbeats stop
+     or a step passes its deadline, failing its requests and stopping its ranks;
   3. when no step is in flight and the workers are ready, publish the next Step;
   4. end requests still queued whose deadline passed (TIME_LIMIT, no tokens).
 """
@@ -15,6 +16,7 @@ import signal
 import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from services.common.codec import ProtocolError
 from services.common.config import parse_config
@@ -39,9 +41,10 @@ from services.common.protocol import (
     WorkerHello,
     WorkerReady,
 )
-from services.common.zmq_io import make_socket, recv_from, send, send_to
+from services.common.zmq_io import make_socket, recv_from, recv_from_with_fd, send, send_to
 from services.scheduler.batcher import Batcher, Sequence
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.peers import WorkerPeers
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,10 @@ class SchedulerProcess:
         self.poller = zmq.Poller()
         self.poller.register(self.gateways, zmq.POLLIN)
         self.poller.register(self.workers_in, zmq.POLLIN)
+        # Disconnects on the result socket say at once that a rank is gone (its process died).
+        self.worker_events = self.workers_in.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.poller.register(self.worker_events, zmq.POLLIN)
+        self.peers = WorkerPeers(config.num_shard)
         self.known_gateways: set[bytes] = set()
         self.model: ModelInfo | None = None
         self.ready_ranks: dict[int, ModelInfo] = {}
@@ -72,20 +79,38 @@ class SchedulerProcess:
     def workers_ready(self) -> bool:
         return self.model is not None and len(self.ready_ranks) == self.config.num_shard
 
-    def _on_worker(self, message: object) -> None:
+    def _on_worker(self, identity: bytes, fd: int, message: object) -> None:
+        if isinstance(message, WorkerHello):
+            self._on_worker_hello(identity, fd, message)
+            return
+        rank = self.peers.rank_of(identity)
+        claimed = getattr(message, "rank", rank)
+        if rank is None or claimed != rank:
+            # Not from a rank, or a rank speaking for another: a rank is what its handshake said.
+            log.warning("ignoring %s from %s", type(message).__name__,
+                        "a peer that never said hello" if rank is None else f"rank {rank} claiming rank {claimed}")
+            return
         if isinstance(message, Heartbeat):
-            rank = int(message.sender.rsplit("-", 1)[-1])
             self.last_seen[rank] = time.monotonic()
-        elif isinstance(message, WorkerHello):
-            log.info("worker rank %d/%d connected", message.rank, message.world_size)
-            self.last_seen[message.rank] = time.monotonic()
-            send(self.steps_out, Welcome(message.rank))
         elif isinstance(message, WorkerReady):
             self._on_worker_ready(message)
-        elif isinstance(message, StepResult):
+        elif isinstance(message, StepResult) and rank == 0:
             self._on_step_result(message)
         elif isinstance(message, StepFailed):
             self._on_step_failed(message)
+
+    def _on_worker_hello(self, identity: bytes, fd: int, hello: WorkerHello) -> None:
+        refusal = self.peers.refusal(hello.rank, hello.world_size)
+        if refusal is None and hello.rank in self.ready_ranks and self.peers.rank_of(identity) != hello.rank:
+            refusal = f"rank {hello.rank} is already in the group"
+        if refusal:
+            log.warning("refusing a worker hello: %s", refusal)
+            return
+        if self.peers.rank_of(identity) is None:
+            log.info("worker rank %d/%d connected", hello.rank, hello.world_size)
+        self.peers.hello(identity, fd, hello.rank)
+        self.last_seen[hello.rank] = time.monotonic()
+        send(self.steps_out, Welcome(hello.rank))
 
     def _on_worker_ready(self, message: WorkerReady) -> None:
         self.last_seen[message.rank] = time.monotonic()
@@ -105,16 +130,35 @@ class SchedulerProcess:
     def _check_worker_liveness(self) -> None:
         now = time.monotonic()
         lost = [r for r, seen in self.last_seen.items() if now - seen > self.config.worker_timeout]
-        if not lost:
-            return
-        log.error("worker rank(s) %s sent no heartbeat for %.0f s: declaring the worker group lost",
-                  lost, self.config.worker_timeout)
+        if lost:
+            log.error("worker rank(s) %s sent no heartbeat for %.0f s", lost, self.config.worker_timeout)
+            self._lose_group(f"worker rank {lost[0]} stopped responding", f"worker rank {lost[0]} lost")
+        elif self.in_flight is not None and now - self.in_flight[1] > self.config.step_timeout:
+            step_id = self.in_flight[0].step_id
+            log.error("step %d got no result within %.0f s", step_id, self.config.step_timeout)
+            self._lose_group(f"step {step_id} got no result within {self.config.step_timeout:.0f} s",
+                             f"step {step_id} timed out")
+
+    def _on_worker_events(self) -> None:
+        while self.worker_events.poll(0):
+            event = recv_monitor_message(self.worker_events)
+            rank = self.peers.disconnected(event["value"])
+            if rank is not None and rank in self.last_seen:
+                log.error("worker rank %d disconnected", rank)
+                self._lose_group(f"worker rank {rank} stopped responding", f"worker rank {rank} lost")
+
+    def _lose_group(self, message: str, shutdown_reason: str) -> None:
+        """Fail every request the group holds or would take, and stop all its ranks."""
+        log.error("declaring the worker group lost: %s", message)
         if self.batcher is not None:
             # Queued requests too: no worker group will take them until one joins again.
-            self._fail_running(f"worker rank {lost[0]} stopped responding", queued_too=True)
+            self._fail_running(message, queued_too=True)
         # The other ranks cannot go on without it, and a rank that wakes up holds a stale batch: stop them all,
         # so their supervisor (launcher, Kubernetes) restarts the group and the ranks join again from scratch.
-        send(self.steps_out, Shutdown(f"worker rank {lost[0]} lost"))
+        send(self.steps_out, Shutdown(shutdown_reason))
+        for rank in range(self.config.num_shard):
+            self.peers.forget_rank(rank)
+        self.in_flight = None
         self.last_seen.clear()
         self.ready_ranks.clear()
 
@@ -146,9 +190,14 @@ class SchedulerProcess:
         self._forward(forwarded, self.batcher.fill_gauges(stats))
 
     def _on_step_failed(self, failure: StepFailed) -> None:
+        reason = "GPU out of memory" if failure.out_of_memory else failure.message
+        if self.config.num_shard > 1:
+            # The other ranks may wait in a collective for the failed one, or hold state it no longer has.
+            log.error("step %d failed on rank %d: %s", failure.step_id, failure.rank, failure.message)
+            self._lose_group(reason, f"rank {failure.rank} failed step {failure.step_id}")
+            return
         if self.in_flight is None or failure.step_id != self.in_flight[0].step_id:
             return
-        reason = "GPU out of memory" if failure.out_of_memory else failure.message
         log.error("step %d failed on rank %d: %s", failure.step_id, failure.rank, failure.message)
         self._fail_running(reason)
 
@@ -205,16 +254,22 @@ class SchedulerProcess:
 
     def _receive(self, timeout_ms: int) -> None:
         for sock, _ in self.poller.poll(timeout_ms):
+            if sock is self.worker_events:
+                self._on_worker_events()
+                continue
             while sock.poll(0):
+                message = None
                 try:
-                    peer, message = recv_from(sock)
+                    if sock is self.gateways:
+                        peer, message = recv_from(sock)
+                        self._on_gateway(peer, message)
+                    else:
+                        peer, fd, message = recv_from_with_fd(sock)
+                        self._on_worker(peer, fd, message)
                 except ProtocolError as exc:
                     log.warning("dropping bad message: %s", exc)
-                    continue
-                if sock is self.gateways:
-                    self._on_gateway(peer, message)
-                else:
-                    self._on_worker(message)
+                except Exception:  # one message's bug must not stop the scheduler serving everyone else
+                    log.exception("failed to handle %s", type(message).__name__ if message else "a message")
 
     def run(self) -> None:
         log.info("scheduler up: gateways on %s, steps on %s, results on %s; waiting for %d worker rank(s)",

@@ -2,7 +2,11 @@
 
 Steps arrive on a SUB socket from the scheduler's PUB; results, failures and
 the handshake go back on a DEALER to the scheduler's ROUTER.  Heartbeats use
-their own DEALER from a thread, so a long forward pass never delays them.
+their own DEALER from a thread, so a long forward pass never delays them; that
+socket says `WorkerHello` first, since the scheduler knows ranks by the
+connections that said hello.  A rank that sees a gap in the step ids missed a
+Step on the PUB/SUB link: it reports the step failed rather than run on out of
+step with the other ranks.
 """
 
 from __future__ import annotations
@@ -43,15 +47,17 @@ def _interrupt(signum: int, _frame) -> None:
 
 
 class HeartbeatThread(threading.Thread):
-    """Sends Heartbeat(sender) every `interval` seconds on its own DEALER socket until stopped."""
+    """Says `hello`, then sends Heartbeat(sender) every `interval` seconds on its own DEALER socket until stopped."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, sender: str, interval: float) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, hello: WorkerHello, interval: float) -> None:
         super().__init__(name="heartbeat", daemon=True)
-        self.ctx, self.endpoint, self.sender, self.interval = ctx, endpoint, sender, interval
+        self.ctx, self.endpoint, self.hello, self.interval = ctx, endpoint, hello, interval
+        self.sender = f"worker-{hello.rank}"
         self.stopped = threading.Event()
 
     def run(self) -> None:
         sock = make_socket(self.ctx, zmq.DEALER, connect=self.endpoint)
+        send(sock, self.hello)  # queued until connected: the scheduler then takes this socket's heartbeats
         # A heartbeat nobody can take now is worthless later: drop it rather than block or queue.
         sock.setsockopt(zmq.SNDTIMEO, 0)
         try:
@@ -113,14 +119,28 @@ def init_distributed(config: WorkerConfig) -> None:
     )
 
 
+def _step_gap(expected: int | None, step_id: int) -> str | None:
+    """Why `step_id` cannot follow the last step applied (None: it can; the first step may be any)."""
+    if expected is None or step_id == expected:
+        return None
+    return f"missed step(s) {expected}..{step_id - 1}" if step_id > expected else f"step {step_id} after {expected - 1}"
+
+
 def serve(config: WorkerConfig, engine: Engine, steps: zmq.Socket, results: zmq.Socket) -> None:
-    """Apply steps until Shutdown; a failed step drops the batch, is reported, and serving goes on."""
+    """Apply steps until Shutdown; a failed (or out-of-order) step drops the batch, is reported, and serving goes on."""
+    expected: int | None = None
     while True:
         message = _receive(steps)
         if isinstance(message, Shutdown):
             logger.info("Shutdown requested%s", f": {message.reason}" if message.reason else "")
             return
         if not isinstance(message, Step):
+            continue
+        gap, expected = _step_gap(expected, message.step_id), message.step_id + 1
+        if gap:
+            logger.error("Step %d: %s; dropping the batch", message.step_id, gap)
+            engine.reset()
+            send(results, StepFailed(step_id=message.step_id, rank=config.rank, message=f"worker rank {config.rank} {gap}"))
             continue
         try:
             result = engine.step(message)
@@ -147,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         results = make_socket(ctx, zmq.DEALER, connect=config.result_endpoint)
         if not handshake(config, steps, results):
             return 0
-        heartbeat = HeartbeatThread(ctx, config.result_endpoint, f"worker-{config.rank}", config.heartbeat_interval)
+        heartbeat = HeartbeatThread(ctx, config.result_endpoint, WorkerHello(config.rank, config.world_size),
+                                    config.heartbeat_interval)
         heartbeat.start()
         if config.world_size > 1:
             init_distributed(config)
