@@ -1,4 +1,4 @@
-"""Our Llama implementation and engine against transformers: logits, KV cache slots, greedy generation, TP."""
+"""Our Llama implementation and engine against transformers: logits, paged KV cache, greedy generation, TP."""
 
 from __future__ import annotations
 
@@ -11,22 +11,37 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from services.common.protocol import LogitsParams, NewSequence, Step, token_ids
 from services.worker.checkpoint import load_model
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine, model_max_length, resolve_dtype
-from services.worker.model import KVCache, ModelArgs, rope_inv_freq
+from services.worker.kv_cache import PagedKVCache
+from services.worker.model import ModelArgs, rope_inv_freq
+from services.worker.paged_attention import PagedBatch
 from tests.conftest import build_tiny_llama
+from tests.local_engine import LocalEngine
 
 CPU = torch.device("cpu")
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 
 
-def _new_cache(model, max_batch: int = 4, initial_capacity: int = 256, world_size: int = 1) -> KVCache:
+def _new_cache(model, num_blocks: int = 64, block_size: int = 4, world_size: int = 1) -> PagedKVCache:
     args = model.args
-    return KVCache(args.num_layers, max_batch, args.num_kv_heads // world_size, args.head_dim, 256,
-                   torch.float32, CPU, initial_capacity=initial_capacity)
+    return PagedKVCache(args.num_layers, num_blocks, block_size, args.num_kv_heads // world_size, args.head_dim,
+                        torch.float32, CPU)
+
+
+def _forward(model, cache: PagedKVCache, runs: list[tuple[list[int], int, int]], tables: list[list[int]]) -> torch.Tensor:
+    """Logits [T, vocab] of the packed runs (tokens, start, count) whose blocks `tables` list."""
+    ids = [t for tokens, start, count in runs for t in tokens[start: start + count]]
+    positions = [p for _, start, count in runs for p in range(start, start + count)]
+    batch = PagedBatch.build(cache.block_size, tables, [r[1] for r in runs], [r[2] for r in runs], CPU)
+    return model.logits(model(torch.tensor(ids), torch.tensor(positions), batch, cache))
+
+
+def _prefill(model, ids: list[int], blocks: int = 16) -> torch.Tensor:
+    cache = _new_cache(model, num_blocks=blocks)
+    return _forward(model, cache, [(ids, 0, len(ids))], [list(range(blocks))])
 
 
 def _reference(path: Path) -> LlamaForCausalLM:
@@ -50,51 +65,37 @@ def variant_path(request, tmp_path_factory, demo_model_path) -> Path:
 
 def test_prefill_logits_match_transformers(variant_path):
     model, ref = load_model(variant_path, torch.float32, CPU), _reference(variant_path)
-    ids = torch.randint(0, model.args.vocab_size, (37,), generator=torch.Generator().manual_seed(0))
-    cache = _new_cache(model)
-    logits = model.prefill([ids], cache, 2, [True])[0]
-    expected = _ref_logits(ref, ids.tolist())
-    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
-    last = model.prefill([ids], cache, 0, [False])[0]
-    torch.testing.assert_close(last, expected[-1:], atol=1e-4, rtol=0)
+    ids = torch.randint(0, model.args.vocab_size, (37,), generator=torch.Generator().manual_seed(0)).tolist()
+    torch.testing.assert_close(_prefill(model, ids), _ref_logits(ref, ids), atol=1e-4, rtol=0)
 
 
-def test_decode_with_joins_leaves_and_cache_growth(tiny_model_path):
-    """Slots stay contiguous as sequences come and go; every row's logits match a full forward."""
+def test_chunks_and_decodes_over_scattered_blocks_match_transformers(tiny_model_path):
+    """Sequences in non-contiguous, interleaved blocks, prefilled in chunks beside decodes: every logit matches."""
     model, ref = load_model(tiny_model_path, torch.float32, CPU), _reference(tiny_model_path)
-    cache = _new_cache(model, initial_capacity=4)
+    cache = _new_cache(model, num_blocks=32, block_size=4)
     gen = torch.Generator().manual_seed(1)
-    running: list[list[int]] = []  # token ids per slot; the last one is not yet in the cache
-
-    def join(length: int) -> None:
-        ids = torch.randint(0, 1000, (length,), generator=gen)
-        cache.ensure_capacity(length)
-        logits = model.prefill([ids], cache, len(running), [False])[0]
-        running.append([*ids.tolist(), int(logits.argmax())])
-
-    def leave(slot: int) -> None:
-        last = len(running) - 1
-        if slot != last:
-            cache.move(last, slot, len(running[last]) - 1)
-            running[slot] = running[last]
-        running.pop()
-
-    join(3)
-    join(6)
-    for step in range(12):
-        if step == 2:
-            join(2)
-        if step == 5:
-            leave(0)
-        if step == 7:
-            join(9)
-        lengths = torch.tensor([len(seq) - 1 for seq in running])
-        cache.ensure_capacity(int(lengths.max()) + 1)
-        logits = model.decode(torch.tensor([seq[-1] for seq in running]), lengths, cache)
-        for row, seq in enumerate(running):
-            torch.testing.assert_close(logits[row], _ref_logits(ref, seq)[-1], atol=1e-4, rtol=0)
-            seq.append(int(logits[row].argmax()))
-    assert cache.capacity == 32  # grew 4 -> 8 -> 16 -> 32
+    seqs = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (9, 3, 14)]
+    tables = [[5, 17, 2, 30, 11], [8, 1, 25, 4], [0, 9, 21, 3, 6, 14]]
+    computed = [0, 0, 0]
+    for chunk in (4, 5, 16):  # first chunks, then the rest, then decodes
+        runs, order = [], []
+        for i, ids in enumerate(seqs):
+            if computed[i] < len(ids):
+                count = min(chunk, len(ids) - computed[i])
+                runs.append((ids, computed[i], count))
+                order.append(i)
+        decodes = [k for k, (ids, start, count) in enumerate(runs) if count == 1 and start > 0]
+        runs = [runs[k] for k in decodes] + [r for k, r in enumerate(runs) if k not in decodes]
+        order = [order[k] for k in decodes] + [o for k, o in enumerate(order) if k not in decodes]
+        logits = _forward(model, cache, runs, [tables[i] for i in order])
+        row = 0
+        for i, (ids, start, count) in zip(order, runs, strict=True):
+            expected = _ref_logits(ref, ids[: start + count])[start:]
+            torch.testing.assert_close(logits[row: row + count], expected, atol=1e-4, rtol=0)
+            row += count
+            computed[i] = start + count
+            if computed[i] == len(ids):
+                ids.append(int(logits[row - 1].argmax()))
 
 
 def test_sharded_checkpoint_loads(tiny_model_path, tmp_path):
@@ -106,11 +107,10 @@ def test_sharded_checkpoint_loads(tiny_model_path, tmp_path):
     weight_map = {name: file for file, part in halves.items() for name in part}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (tmp_path / "config.json").write_text((tiny_model_path / "config.json").read_text())
-    ids = torch.arange(1, 9)
+    ids = list(range(1, 9))
     sharded = load_model(tmp_path, torch.float32, CPU)
     single = load_model(tiny_model_path, torch.float32, CPU)
-    assert torch.equal(sharded.prefill([ids], _new_cache(sharded), 0, [True])[0],
-                       single.prefill([ids], _new_cache(single), 0, [True])[0])
+    assert torch.equal(_prefill(sharded, ids), _prefill(single, ids))
 
 
 def test_unsupported_rope_is_a_clear_error():
@@ -120,15 +120,20 @@ def test_unsupported_rope_is_a_clear_error():
         rope_inv_freq(ModelArgs.from_config(config))
 
 
+def _tp_logits(model, world_size: int) -> dict[str, torch.Tensor]:
+    cache = _new_cache(model, world_size=world_size)
+    a, b = list(range(1, 6)), list(range(1, 7))
+    prefill = _forward(model, cache, [(a, 0, 5), (b, 0, 6)], [[0, 1], [2, 3]])
+    decode = _forward(model, cache, [([*a, 7], 5, 1), ([*b, 8], 6, 1)], [[0, 1], [2, 3]])
+    return {"prefill": prefill, "decode": decode}
+
+
 def _tp_rank(rank: int, world_size: int, path: Path, init_file: Path, out: Path) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
         model = load_model(path, torch.float32, CPU, rank, world_size)
-        cache = _new_cache(model, world_size=world_size)
-        prefill = torch.cat(model.prefill([torch.arange(1, 6), torch.arange(1, 7)], cache, 0, [True, True]))
-        decode = model.decode(torch.tensor([7, 8]), torch.tensor([5, 6]), cache)
-        torch.save({"prefill": prefill, "decode": decode}, out / f"rank{rank}.pt")
+        torch.save(_tp_logits(model, world_size), out / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -138,41 +143,22 @@ def test_tensor_parallel_matches_single_rank(tmp_path, demo_model_path, monkeypa
     path = build_tiny_llama(tmp_path / "model", demo_model_path, seed=2, attention_bias=True, mlp_bias=True)
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # the spawned ranks talk over loopback
     mp.spawn(_tp_rank, args=(2, path, tmp_path / "rendezvous", tmp_path), nprocs=2, join=True)
-    model = load_model(path, torch.float32, CPU)
-    cache = _new_cache(model)
-    prefill = torch.cat(model.prefill([torch.arange(1, 6), torch.arange(1, 7)], cache, 0, [True, True]))
-    decode = model.decode(torch.tensor([7, 8]), torch.tensor([5, 6]), cache)
+    expected = _tp_logits(load_model(path, torch.float32, CPU), 1)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
-        torch.testing.assert_close(result["prefill"], prefill, atol=1e-5, rtol=0)
-        torch.testing.assert_close(result["decode"], decode, atol=1e-5, rtol=0)
+        for name in ("prefill", "decode"):
+            torch.testing.assert_close(result[name], expected[name], atol=1e-5, rtol=0)
 
 
 def _engine(path: Path, **overrides) -> Engine:
-    return Engine(WorkerConfig(model_name=str(path), device="cpu", **overrides))
+    return Engine(WorkerConfig(model_name=str(path), device="cpu", kv_cache_memory="512MiB", **overrides))
 
 
 def _greedy(ref: LlamaForCausalLM, ids: list[int], count: int) -> list[int]:
-    out = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=count, min_new_tokens=count,
-                       pad_token_id=0)
+    # An explicit mask: generate() would otherwise take prompt ids equal to the pad id for padding.
+    out = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
+                       max_new_tokens=count, min_new_tokens=count, pad_token_id=0)
     return out[0, len(ids):].tolist()
-
-
-def test_engine_greedy_matches_transformers_generate(tiny_model_path):
-    engine, ref = _engine(tiny_model_path, max_batch_size=3), _reference(tiny_model_path)
-    prompts = {"a": [5, 6, 7, 8], "b": [10, 11, 12, 13, 14, 15, 16], "c": [100, 200, 300], "d": [42]}
-    joins = {0: ["a"], 2: ["b", "c"], 6: ["d"]}  # step -> sequences added then
-    leaves = {5: ["a"], 9: ["b"]}
-    got: dict[str, list[int]] = {rid: [] for rid in prompts}
-    for step in range(12):
-        add = [NewSequence(rid, token_ids(prompts[rid]), LogitsParams()) for rid in joins.get(step, [])]
-        result = engine.step(Step(step, add, leaves.get(step, []), decode=step > 0))
-        assert result.forward_ns > 0
-        for output in result.outputs:
-            got[output.request_id].append(output.token.token_id)
-    assert [s.request_id for s in engine.sequences] == ["c", "d"]
-    for rid, ids in prompts.items():
-        assert got[rid] == _greedy(ref, ids, len(got[rid])), rid
 
 
 def test_engine_limits_and_info(tiny_model_path):
@@ -181,16 +167,7 @@ def test_engine_limits_and_info(tiny_model_path):
     assert (info.max_sequence_length, info.max_new_tokens, info.max_batch_size) == (256, 255, 2)
     assert (info.device, info.dtype, info.world_size, info.encoder_decoder) == ("cpu", "float32", 1, False)
     assert (info.vocab_size, info.eos_token_id, info.pad_token_id) == (49152, 2, 2)
-    too_long = NewSequence("long", token_ids(range(256)), LogitsParams())
-    with pytest.raises(ValueError, match="max_sequence_length"):
-        engine.step(Step(1, [too_long], [], decode=False))
-    seqs = [NewSequence(str(i), token_ids([1, 2]), LogitsParams()) for i in range(3)]
-    with pytest.raises(ValueError, match="batch full"):
-        engine.step(Step(2, seqs, [], decode=False))
-    assert engine.sequences == []  # a rejected step changes nothing
-    engine.step(Step(3, seqs[:2], ["unknown"], decode=False))
-    engine.reset()
-    assert engine.step(Step(4, [], [], decode=True)).outputs == []
+    assert engine.cache.block_size == 16 and engine.cache.num_blocks >= 256 // 16
 
 
 def test_config_helpers():
@@ -208,21 +185,6 @@ def test_demo_model_says_paris(demo_model_path):
     engine, ref = _engine(demo_model_path, max_batch_size=1), _reference(demo_model_path)
     tokenizer = AutoTokenizer.from_pretrained(demo_model_path)
     ids = tokenizer("The capital of France is")["input_ids"]
-    tokens = [engine.step(Step(0, [NewSequence("r", token_ids(ids), LogitsParams())], [], False)).outputs[0]]
-    tokens += [engine.step(Step(i, [], [], True)).outputs[0] for i in range(1, 6)]
-    generated = [t.token.token_id for t in tokens]
+    generated = LocalEngine(engine).generate({"r": ids}, max_new_tokens=6)["r"]
     assert generated == _greedy(ref, ids, 6)
     assert tokenizer.decode(generated).startswith(" Paris.")
-
-
-def test_min_new_tokens_and_length_penalty_edit_scores_in_place(tiny_model_path):
-    """Regression: EOS masking writes into the model's logits, which must be allowed during a step."""
-    from services.common.protocol import LogitsParams, NewSequence, Step, token_ids
-    from services.worker.config import WorkerConfig
-    from services.worker.engine import Engine
-
-    engine = Engine(WorkerConfig(model_name=str(tiny_model_path), max_batch_size=2))
-    params = LogitsParams(min_new_tokens=3, length_penalty_start=1, length_penalty_decay=2.0)
-    result = engine.step(Step(1, [NewSequence("a", token_ids([1, 2, 3]), params)], [], False))
-    assert len(result.outputs) == 1
-    assert len(engine.step(Step(2, [], [], True)).outputs) == 1

@@ -42,7 +42,9 @@ from services.common.protocol import (
     WorkerReady,
 )
 from services.common.zmq_io import make_socket, recv_from, recv_from_with_fd, send, send_to
+from services.scheduler.admission import MemoryModel
 from services.scheduler.batcher import Batcher, Sequence
+from services.scheduler.blocks import BlockManager
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.peers import WorkerPeers
 
@@ -122,10 +124,24 @@ class SchedulerProcess:
         self.model = self.ready_ranks[0]
         batch_size = min(self.config.max_batch_size, self.model.max_batch_size)
         if self.batcher is None:
-            self.batcher = Batcher(batch_size, self.config.max_waiting_tokens, self.model.eos_token_id)
+            self.batcher = self._new_batcher(batch_size)
         log.info("all %d worker rank(s) ready; serving with max_batch_size=%d", self.config.num_shard, batch_size)
         for gateway in self.known_gateways:
             self._send_gateway(gateway, self._info())
+
+    def _new_batcher(self, batch_size: int) -> Batcher:
+        """The batcher over the smallest KV block pool of the ready ranks, admitting by TGIS's weight model."""
+        assert self.model is not None
+        num_blocks = min(ready.num_blocks for ready in self.ready_ranks.values())
+        block_size = next(iter(self.ready_ranks.values())).block_size
+        memory = MemoryModel.from_config(self.config.estimate_memory, self.config.batch_safety_margin,
+                                         self.model.max_sequence_length, batch_size, num_blocks * block_size)
+        memory.check_startup(self.model.max_sequence_length)
+        log.info("KV block pool: %d blocks of %d tokens (prefix caching %s); admission weight limit %s",
+                 num_blocks, block_size, "on" if self.config.prefix_caching else "off", memory.weight_limit or "none")
+        return Batcher(batch_size, self.config.max_waiting_tokens, self.model.eos_token_id,
+                       BlockManager(num_blocks, block_size, self.config.prefix_caching), memory,
+                       self.config.max_prefill_tokens)
 
     def _check_worker_liveness(self) -> None:
         now = time.monotonic()
@@ -186,7 +202,10 @@ class SchedulerProcess:
         duration = time.monotonic() - started
         assert self.batcher is not None
         stats = self.batcher.stats(duration, result.forward_ns / 1e9)
-        forwarded = self.batcher.complete_step(result.outputs, prefill_seconds=duration if step.add else None)
+        forwarded, failures = self.batcher.complete_step(result.outputs, result.failed, prefill_seconds=duration)
+        for sequence, message in failures:
+            log.warning("request %s failed on the workers: %s", sequence.request_id, message)
+            self._send_gateway(sequence.gateway, RequestFailed([sequence.request_id], message))
         self._forward(forwarded, self.batcher.fill_gauges(stats))
 
     def _on_step_failed(self, failure: StepFailed) -> None:

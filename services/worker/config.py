@@ -7,6 +7,18 @@ from dataclasses import dataclass
 from services.common.config import knob
 from services.common.model_path import DEMO_MODEL
 
+# Weight-only formats of `--quantize` (services/worker/quant.py); "none" or unset keeps the float weights.
+QUANTIZE_METHODS = ("int8", "int4")
+
+
+def quantize_method(value: str | None) -> str | None:
+    """The `--quantize` value as a method name (None for none); anything else fails in TGIS's words."""
+    if value is None or value.lower() in ("", "none"):
+        return None
+    if value.lower() not in QUANTIZE_METHODS:
+        raise ValueError(f"{value} quantization not supported by tgis-pipeline (supported: none, int8, int4)")
+    return value.lower()
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -16,7 +28,10 @@ class WorkerConfig:
     max_sequence_length: int | None = knob(None, "MAX_SEQUENCE_LENGTH", "max input + output tokens (default: model config, else 2048)")
     max_new_tokens: int = knob(1024, "MAX_NEW_TOKENS", "max generated tokens per request (lowered to max_sequence_length - 1)")
     max_batch_size: int = knob(12, "MAX_BATCH_SIZE", "max sequences in the running batch (KV cache slots)")
-    max_prefill_tokens: int = knob(4096, "MAX_PREFILL_TOKENS", "prompt tokens per prefill forward pass (a longer prompt runs alone)")
+    kv_cache_memory: str = knob("auto", "KV_CACHE_MEMORY", "KV block pool size, e.g. 4GiB (auto: 25% of RAM on CPU, 90% of free GPU memory after loading)")
+    kv_block_size: int = knob(16, "KV_BLOCK_SIZE", "token positions per KV cache block")
+    quantize: str | None = knob(None, "QUANTIZE", "weight-only quantization at load: none, int8 (per channel) or int4 (group-wise); matmuls in bfloat16")
+    quantize_group_size: int = knob(64, "QUANTIZE_GROUP_SIZE", "int4: input columns per scale (halved for a layer it does not divide)")
     device: str = knob("auto", "WORKER_DEVICE", "torch device: auto, cpu, cuda, cuda:N (auto: cuda:LOCAL_RANK if available)")
     rank: int = knob(0, "RANK", "this process's rank in the model replica")
     world_size: int = knob(1, "WORLD_SIZE", "ranks in the model replica (tensor parallel degree)")

@@ -1,10 +1,12 @@
-"""The worker's engine: the model, the running batch's KV cache and sequences, and one `Step` at a time.
+"""The worker's engine: the model, its paged KV cache and the sequences' sampling state; one `Step` at a time.
 
-No sockets here: `main.py` feeds it steps.  Sequences occupy KV cache slots
-0..B-1 in the order of `self.sequences`; removing one moves the last into its
-slot so the batch stays contiguous.  A step's new sequences are prefilled
-together, in as few forward passes as `max_prefill_tokens` allows, and their
-first tokens chosen in one vectorized call.
+No sockets here: `main.py` feeds it steps.  The scheduler decides which
+tokens of which sequences run and in which KV blocks; the engine runs them all
+in one forward pass (decodes first, then prefill chunks), chooses a token for
+every chunk that reaches its sequence's last known token, in one vectorized
+call, and keeps each sequence's tokens, RNG and repetition-penalty state.  A
+sequence or chunk that cannot run (bad ids, lengths, block tables) fails
+alone and is reported in `StepResult.failed`; the rest of the step runs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,14 +25,15 @@ from services.common.protocol import (
     LogitsParams,
     ModelInfo,
     NewSequence,
+    ScheduledChunk,
     SequenceOutput,
     Step,
     StepResult,
-    token_ids,
 )
 from services.worker.checkpoint import load_model
 from services.worker.config import WorkerConfig
-from services.worker.model import KVCache
+from services.worker.kv_cache import PagedKVCache, budget_bytes
+from services.worker.paged_attention import PagedBatch
 from services.worker.sampling import BatchParams, choose, input_details, make_generator, process, token_detail
 
 logger = logging.getLogger(__name__)
@@ -74,20 +77,43 @@ def _first(value: int | list[int] | None) -> int | None:
     return value[0] if isinstance(value, list) else value
 
 
+class StepError(ValueError):
+    """One sequence of a step cannot run; it fails alone."""
+
+
 @dataclass
 class Sequence:
-    """A running sequence: its KV cache holds `length` tokens; `last_token` is fed at the next decode."""
+    """A sequence's state on the worker: its tokens (prompt then generated), how many are in its KV blocks."""
 
     request_id: str
     params: LogitsParams
     generator: torch.Generator | None
-    length: int
-    last_token: int
-    generated: int
+    tokens: list[int]
+    prompt_length: int
+    computed: int = 0
+    generated: int = 0
+    seen: torch.Tensor | None = None  # [vocab] ids in prompt and output, kept only for the repetition penalty
+    details_sent: bool = field(default=False)
+
+
+@dataclass
+class Planned:
+    """A validated chunk of this step."""
+
+    sequence: Sequence
+    chunk: ScheduledChunk
+
+    @property
+    def samples(self) -> bool:
+        return self.chunk.start + self.chunk.count == len(self.sequence.tokens)
+
+    @property
+    def wants_input_details(self) -> bool:
+        return self.samples and self.sequence.params.input_details and not self.sequence.details_sent
 
 
 class Engine:
-    """Owns the model and the running batch; applies `Step`s and returns their `StepResult`s.
+    """Owns the model, the KV pool and the sequences; applies `Step`s and returns their `StepResult`s.
 
     With world_size > 1 the caller must have joined torch.distributed's default
     group first; every rank then runs the same steps and samples the same tokens.
@@ -115,12 +141,10 @@ class Engine:
         self.model = load_model(self.model_path, self.dtype, self.device, config.rank, config.world_size)
         args = self.model.args
         self.vocab_size = args.vocab_size
-        self.cache = KVCache(args.num_layers, config.max_batch_size, args.num_kv_heads // config.world_size,
-                             args.head_dim, self.max_sequence_length, self.dtype, self.device)
-        # Which ids each slot's prompt and output hold, for the repetition penalty.
-        self.seen = torch.zeros(config.max_batch_size, self.vocab_size, dtype=torch.bool, device=self.device)
-        self.sequences: list[Sequence] = []
-        self.max_prefill_tokens = config.max_prefill_tokens
+        self.cache = PagedKVCache.for_budget(
+            budget_bytes(config.kv_cache_memory, self.device), self.max_sequence_length, args.num_layers,
+            config.kv_block_size, args.num_kv_heads // config.world_size, args.head_dim, self.dtype, self.device)
+        self.sequences: dict[str, Sequence] = {}
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(
@@ -133,109 +157,123 @@ class Engine:
 
     @torch.inference_mode()
     def step(self, step: Step) -> StepResult:
-        """Drop `step.remove`, prefill `step.add`, then decode one token for the sequences that were running."""
+        """Forget `step.remove`, register `step.add`, run `step.run` in one forward pass."""
         for request_id in step.remove:
-            self._remove(request_id)
-        self._check_new(step.add)
-        running = len(self.sequences)
-        if step.decode and running:
-            self._check_decode(running)
+            self.sequences.pop(request_id, None)
+        failed: dict[str, str] = {}
+        for new in step.add:
+            try:
+                self._add(new)
+            except StepError as exc:
+                failed[new.request_id] = str(exc)
+        planned = []
+        for chunk in step.run:
+            if chunk.request_id in failed:
+                continue
+            try:
+                planned.append(Planned(self._check_chunk(chunk), chunk))
+            except StepError as exc:
+                failed[chunk.request_id] = str(exc)
+                self.sequences.pop(chunk.request_id, None)
         started = time.perf_counter_ns()
-        outputs = [output for chunk in self._prefill_chunks(step.add) for output in self._prefill(chunk)]
-        if step.decode and running:
-            outputs += self._decode(running)
-        return StepResult(step_id=step.step_id, outputs=outputs, forward_ns=time.perf_counter_ns() - started)
+        outputs = self._run(planned) if planned else []
+        return StepResult(step_id=step.step_id, outputs=outputs, forward_ns=time.perf_counter_ns() - started,
+                          failed=failed)
 
     def reset(self) -> None:
-        """Forget every sequence (after a failed step the batch state cannot be trusted)."""
+        """Forget every sequence (after a failed step the state cannot be trusted)."""
         self.sequences.clear()
 
-    def _check_new(self, new: list[NewSequence]) -> None:
-        # Reject the whole step before touching any state, so a bad request cannot half-apply it.
-        if len(self.sequences) + len(new) > self.config.max_batch_size:
-            raise ValueError(f"batch full: {len(self.sequences)} running + {len(new)} new sequences "
-                             f"> max_batch_size {self.config.max_batch_size}")
-        known = {seq.request_id for seq in self.sequences}
-        for seq in new:
-            if seq.request_id in known:
-                raise ValueError(f"sequence {seq.request_id} is already running")
-            known.add(seq.request_id)
-            if not 0 < len(seq.input_ids) < self.max_sequence_length:
-                raise ValueError(f"sequence {seq.request_id} has {len(seq.input_ids)} input tokens; "
-                                 f"must be between 1 and max_sequence_length - 1 ({self.max_sequence_length - 1})")
-            if min(seq.input_ids) < 0 or max(seq.input_ids) >= self.vocab_size:
-                raise ValueError(f"sequence {seq.request_id} has token ids outside the vocabulary")
+    # ------------------------------------------------------------------ validation
 
-    def _check_decode(self, running: int) -> None:
-        for seq in self.sequences[:running]:
-            if seq.length + 1 > self.max_sequence_length:
-                raise ValueError(f"sequence {seq.request_id} reached max_sequence_length {self.max_sequence_length}")
+    def _add(self, new: NewSequence) -> None:
+        ids = list(new.input_ids)
+        if new.request_id in self.sequences:
+            raise StepError(f"sequence {new.request_id} is already running")
+        if not 0 < len(ids) < self.max_sequence_length:
+            raise StepError(f"{len(ids)} input tokens; must be between 1 and max_sequence_length - 1 "
+                            f"({self.max_sequence_length - 1})")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise StepError(f"token ids outside the vocabulary (0..{self.vocab_size - 1})")
+        seen = None
+        if new.logits.repetition_penalty != 1.0:
+            seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            seen[torch.tensor(ids, device=self.device)] = True
+        self.sequences[new.request_id] = Sequence(new.request_id, new.logits, make_generator(new.logits, self.device),
+                                                  ids, len(ids), seen=seen)
 
-    def _remove(self, request_id: str) -> None:
-        slot = next((i for i, seq in enumerate(self.sequences) if seq.request_id == request_id), None)
-        if slot is None:
-            return
-        last = len(self.sequences) - 1
-        if slot != last:
-            moved = self.sequences[last]
-            self.cache.move(last, slot, moved.length)
-            self.seen[slot] = self.seen[last]
-            self.sequences[slot] = moved
-        self.sequences.pop()
+    def _check_chunk(self, chunk: ScheduledChunk) -> Sequence:
+        seq = self.sequences.get(chunk.request_id)
+        if seq is None:
+            raise StepError(f"sequence {chunk.request_id} is not known to the worker")
+        end = chunk.start + chunk.count
+        if chunk.count < 1 or chunk.start < 0 or end > len(seq.tokens):
+            raise StepError(f"chunk [{chunk.start}, {end}) outside the sequence's {len(seq.tokens)} tokens")
+        if chunk.start > seq.computed and seq.computed > 0:
+            raise StepError(f"chunk starts at {chunk.start} but only {seq.computed} tokens are computed")
+        if end > self.max_sequence_length:
+            raise StepError(f"sequence reached max_sequence_length {self.max_sequence_length}")
+        table, block_size = chunk.block_table, self.cache.block_size
+        if len(table) * block_size < end or min(table) < 0 or max(table) >= self.cache.num_blocks:
+            raise StepError(f"block table of {len(table)} blocks does not cover {end} positions "
+                            f"in a pool of {self.cache.num_blocks}")
+        if seq.params.input_details and not seq.details_sent and end == len(seq.tokens) and chunk.start != 0:
+            raise StepError("input token details need the whole prompt in one chunk")
+        return seq
 
-    def _prefill_chunks(self, new: list[NewSequence]) -> list[list[NewSequence]]:
-        """`new` in order, cut into runs of at most max_prefill_tokens prompt tokens (a longer prompt runs alone)."""
-        chunks: list[list[NewSequence]] = []
-        size = 0
-        for seq in new:
-            if not chunks or size + len(seq.input_ids) > self.max_prefill_tokens:
-                chunks.append([])
-                size = 0
-            chunks[-1].append(seq)
-            size += len(seq.input_ids)
-        return chunks
+    # ------------------------------------------------------------------ forward and sampling
 
-    def _prefill(self, new: list[NewSequence]) -> list[SequenceOutput]:
-        """Prefill `new` into the next slots in one forward pass and choose each one's first token."""
-        first, params = len(self.sequences), [seq.logits for seq in new]
-        ids = [torch.frombuffer(token_ids(seq.input_ids), dtype=torch.int32).to(self.device, torch.long)
-               for seq in new]
-        self.cache.ensure_capacity(max(len(i) for i in ids))
-        logits = self.model.prefill(ids, self.cache, first, [p.input_details for p in params])
-        slots = torch.arange(first, first + len(new), device=self.device)
-        lengths = torch.tensor([len(i) for i in ids], device=self.device)
-        self.seen[slots] = False
-        self.seen[slots.repeat_interleave(lengths), torch.cat(ids)] = True
+    def _run(self, planned: list[Planned]) -> list[SequenceOutput]:
+        # Decodes (one token after position 0) first: they attend in one batched call.
+        planned.sort(key=lambda p: not (p.chunk.count == 1 and p.chunk.start > 0))
+        ids, positions = [], []
+        for p in planned:
+            ids.extend(p.sequence.tokens[p.chunk.start: p.chunk.start + p.chunk.count])
+            positions.extend(range(p.chunk.start, p.chunk.start + p.chunk.count))
+        batch = PagedBatch.build(self.cache.block_size, [list(p.chunk.block_table) for p in planned],
+                                 [p.chunk.start for p in planned], [p.chunk.count for p in planned], self.device)
+        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                            batch, self.cache)
+        # Logits only where needed: the last token of each sampling chunk, every token of one wanting input details.
+        rows, row, sampling = [], 0, []
+        for p in planned:
+            if p.samples:
+                first = len(rows)
+                rows.extend(range(row, row + p.chunk.count) if p.wants_input_details else [row + p.chunk.count - 1])
+                sampling.append((p, first, len(rows) - 1))
+            row += p.chunk.count
+            p.sequence.computed = p.chunk.start + p.chunk.count
+        if not sampling:
+            return []
+        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        return self._sample(sampling, logits)
+
+    def _sample(self, sampling: list[tuple[Planned, int, int]], logits: torch.Tensor) -> list[SequenceOutput]:
+        seqs = [p.sequence for p, _, _ in sampling]
+        params = [seq.params for seq in seqs]
+        last = torch.tensor([last for _, _, last in sampling], device=self.device)
         batch = BatchParams.build(params, self.device)
-        generators = [make_generator(p, self.device) for p in params]
-        generated = torch.zeros(len(new), dtype=torch.long, device=self.device)
-        # Stacking copies the last rows, so processing them in place leaves the raw logits to input details.
-        scores = process(torch.stack([rows[-1] for rows in logits]), batch, generated, self.seen[slots],
-                         self.eos_id, self.pad_id)
-        tokens = choose(scores, batch, generators)
-        self.seen[slots, tokens] = True
-        outputs = []
-        for row, (seq, token) in enumerate(zip(new, tokens.tolist(), strict=True)):
-            self.sequences.append(Sequence(seq.request_id, seq.logits, generators[row], len(ids[row]), token, 1))
-            details = input_details(seq.logits, logits[row], ids[row]) if seq.logits.input_details else None
-            outputs.append(SequenceOutput(seq.request_id, token_detail(seq.logits, scores[row], token), details))
-        return outputs
-
-    def _decode(self, running: int) -> list[SequenceOutput]:
-        seqs = self.sequences[:running]
-        last_tokens = torch.tensor([seq.last_token for seq in seqs], device=self.device)
-        lengths = torch.tensor([seq.length for seq in seqs], device=self.device)
-        self.cache.ensure_capacity(max(seq.length for seq in seqs) + 1)
-        logits = self.model.decode(last_tokens, lengths, self.cache)
-        batch = BatchParams.build([seq.params for seq in seqs], self.device)
         generated = torch.tensor([seq.generated for seq in seqs], device=self.device)
-        scores = process(logits, batch, generated, self.seen[:running], self.eos_id, self.pad_id)
+        seen = None
+        if batch.any(lambda p: p.repetition_penalty != 1.0):
+            no_ids = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            seen = torch.stack([no_ids if seq.seen is None else seq.seen for seq in seqs])
+        # Indexing copies the rows, so processing them in place leaves the raw logits to input details.
+        scores = process(logits[last], batch, generated, seen, self.eos_id, self.pad_id)
         tokens = choose(scores, batch, [seq.generator for seq in seqs])
-        self.seen[torch.arange(running, device=self.device), tokens] = True
         outputs = []
-        for row, (seq, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
-            seq.length, seq.last_token, seq.generated = seq.length + 1, token, seq.generated + 1
-            outputs.append(SequenceOutput(seq.request_id, token_detail(seq.params, scores[row], token)))
+        for i, ((p, first, last_row), token) in enumerate(zip(sampling, tokens.tolist(), strict=True)):
+            seq = p.sequence
+            details = None
+            if p.wants_input_details:
+                prompt = torch.tensor(seq.tokens[: seq.prompt_length], device=self.device)
+                details = input_details(seq.params, logits[first: last_row + 1], prompt)
+                seq.details_sent = True
+            seq.tokens.append(token)
+            seq.generated += 1
+            if seq.seen is not None:
+                seq.seen[token] = True
+            outputs.append(SequenceOutput(seq.request_id, token_detail(seq.params, scores[i], token), details))
         return outputs
 
 

@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("Model loaded in %.1f s: %s on %s (%s), max_sequence_length %d, max_batch_size %d",
                     time.monotonic() - started, info.model_path, info.device, info.dtype,
                     info.max_sequence_length, info.max_batch_size)
-        send(results, WorkerReady(rank=config.rank, model=info))
+        send(results, WorkerReady(rank=config.rank, model=info, num_blocks=engine.cache.num_blocks,
+                                  block_size=engine.cache.block_size))
         serve(config, engine, steps, results)
         return 0
     except Interrupted as signal_name:

@@ -1,12 +1,12 @@
-"""Llama-family causal LM in plain torch, with a slot-based KV cache and optional tensor parallelism.
+"""Llama-family causal LM in plain torch over a paged KV cache, with optional tensor parallelism.
 
-Running sequences occupy cache slots 0..B-1 contiguously, so a decode step
-attends over plain views `k[:B, :, :Lmax]` with a length mask, never a gather.
-Prefill packs several sequences into one forward pass over all their tokens;
-only attention goes sequence by sequence (on CPU a right-padded batch costs far
-more on mixed lengths than the loop).  Under tensor parallelism q/k/v/gate/up
-are split by output rows (whole heads), o_proj/down_proj by input columns
-followed by an all-reduce; embeddings, norms and lm_head are replicated.
+A forward pass takes a step's tokens packed along one axis (decode tokens and
+prefill chunks of many sequences together, `paged_attention.PagedBatch`
+says which is which), so every linear layer runs once per step on all of
+them.  After loading, q/k/v and gate/up are fused into one projection each.
+Under tensor parallelism q/k/v/gate/up are split by output rows (whole heads),
+o_proj/down_proj by input columns followed by an all-reduce; embeddings,
+norms and lm_head are replicated.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from services.worker.kv_cache import PagedKVCache
+from services.worker.paged_attention import PagedBatch, paged_attention
 
 
 @dataclass(frozen=True)
@@ -101,50 +104,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class KVCache:
-    """Per-layer K/V tensors [max_batch, kv_heads, capacity, head_dim]; capacity doubles on demand."""
-
-    def __init__(self, num_layers: int, max_batch: int, kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device, initial_capacity: int = 256) -> None:
-        self.max_len = max_len
-        self.capacity = min(initial_capacity, max_len)
-        shape = (max_batch, kv_heads, self.capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-
-    def ensure_capacity(self, length: int) -> None:
-        """Make room for `length` positions per slot (copying the cache when it has to grow)."""
-        if length <= self.capacity:
-            return
-        if length > self.max_len:
-            raise ValueError(f"sequence length {length} exceeds the KV cache limit {self.max_len}")
-        capacity = self.capacity
-        while capacity < length:
-            capacity = min(capacity * 2, self.max_len)
-        for cache in (self.k, self.v):
-            for i, old in enumerate(cache):
-                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
-                new[:, :, : self.capacity] = old
-                cache[i] = new
-        self.capacity = capacity
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of slot `src` into slot `dst`."""
-        for cache in (self.k, self.v):
-            for layer in cache:
-                layer[dst, :, :length] = layer[src, :, :length]
-
-
-@dataclass
-class Context:
-    """What every layer of one forward pass shares: rotary tables, where K/V go, what the queries attend to."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-    cache: KVCache
-    index: tuple  # K/V destination of each token: (slots, :, positions), [N] tensors
-    mask: torch.Tensor | None  # decode: [B, 1, 1, Lmax], True where a key exists
-    lengths: list[int] | None  # prefill: token counts of the sequences packed along T
+def _fuse(layers: list[nn.Linear]) -> nn.Linear:
+    """One Linear computing the given layers' outputs concatenated (same input)."""
+    weight = torch.cat([layer.weight.detach() for layer in layers])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=layers[0].bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([layer.bias.detach() for layer in layers]))
+    return fused.requires_grad_(False)
 
 
 class Attention(nn.Module):
@@ -156,48 +125,52 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         self.world_size, self.group = world_size, group
         bias = args.attention_bias
+        # Loaded separately (checkpoint names), then fused into qkv_proj by fuse_projections().
         self.q_proj = nn.Linear(args.hidden_size, self.heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(args.hidden_size, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(args.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.qkv_proj: nn.Linear | None = None
         # The bias of a row-parallel layer is added once, after the all-reduce.
         self.o_proj = nn.Linear(self.heads * self.head_dim, args.hidden_size, bias=False)
         self.o_bias = nn.Parameter(torch.empty(args.hidden_size)) if bias else None
 
-    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * ctx.cos + rotate_half(q) * ctx.sin
-        k = k * ctx.cos + rotate_half(k) * ctx.sin
-        k_cache, v_cache = ctx.cache.k[self.layer], ctx.cache.v[self.layer]
-        # One scatter puts each token's K/V at its (slot, position): B decode tokens [B, 1] or T packed ones [1, T].
-        k_cache[ctx.index], v_cache[ctx.index] = k.transpose(1, 2).flatten(0, 1), v.transpose(1, 2).flatten(0, 1)
-        if ctx.lengths is not None:
-            parts = zip(q.split(ctx.lengths, 2), k.split(ctx.lengths, 2), v.split(ctx.lengths, 2), strict=True)
-            out = torch.cat([F.scaled_dot_product_attention(*part, is_causal=True, enable_gqa=True)
-                             for part in parts], dim=2)
-        else:
-            span = ctx.mask.shape[-1]
-            out = F.scaled_dot_product_attention(
-                q, k_cache[:b, :, :span], v_cache[:b, :, :span], attn_mask=ctx.mask, enable_gqa=True
-            )
-        out = self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+    def fuse(self) -> None:
+        self.qkv_proj = _fuse([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PagedBatch,
+                cache: PagedKVCache) -> torch.Tensor:
+        t = x.shape[0]
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(t, self.heads, self.head_dim)
+        k = k.view(t, self.kv_heads, self.head_dim)
+        v = v.view(t, self.kv_heads, self.head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out = paged_attention(q, k, v, cache.k[self.layer], cache.v[self.layer], batch)
+        out = self.o_proj(out.reshape(t, q_size))
         return _reduce(out, self.o_bias, self.world_size, self.group)
 
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs, world_size: int, group) -> None:
         super().__init__()
-        inner = args.intermediate_size // world_size
-        self.gate_proj = nn.Linear(args.hidden_size, inner, bias=args.mlp_bias)
-        self.up_proj = nn.Linear(args.hidden_size, inner, bias=args.mlp_bias)
-        self.down_proj = nn.Linear(inner, args.hidden_size, bias=False)
+        self.inner = args.intermediate_size // world_size
+        self.gate_proj = nn.Linear(args.hidden_size, self.inner, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.hidden_size, self.inner, bias=args.mlp_bias)
+        self.gate_up_proj: nn.Linear | None = None
+        self.down_proj = nn.Linear(self.inner, args.hidden_size, bias=False)
         self.down_bias = nn.Parameter(torch.empty(args.hidden_size)) if args.mlp_bias else None
         self.world_size, self.group = world_size, group
 
+    def fuse(self) -> None:
+        self.gate_up_proj = _fuse([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.inner, dim=-1)
+        out = self.down_proj(F.silu(gate) * up)
         return _reduce(out, self.down_bias, self.world_size, self.group)
 
 
@@ -216,8 +189,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PagedBatch,
+                cache: PagedKVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -246,39 +220,25 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
-    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, index: tuple,
-             mask: torch.Tensor | None, lengths: list[int] | None) -> torch.Tensor:
-        """input_ids/positions: [B, T] -> final hidden states [B, T, hidden]."""
-        x = self.model.embed_tokens(input_ids)
-        freqs = positions[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        ctx = Context(emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None], cache, index, mask, lengths)
+    def fuse_projections(self) -> None:
+        """Replace q/k/v by qkv_proj and gate/up by gate_up_proj in every layer (after loading)."""
         for layer in self.model.layers:
-            x = layer(x, ctx)
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch,
+                cache: PagedKVCache) -> torch.Tensor:
+        """Packed input_ids/positions [T] -> final hidden states [T, hidden]; K/V go into `cache`."""
+        x = self.model.embed_tokens(input_ids)
+        freqs = positions[:, None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, batch, cache)
         return self.model.norm(x)
 
     @torch.inference_mode()
-    def prefill(self, sequences: list[torch.Tensor], cache: KVCache, slot: int,
-                all_logits: list[bool]) -> list[torch.Tensor]:
-        """Run sequences (1-D ids) in one pass into slots slot, slot + 1, ...; float32 logits per sequence.
-
-        A sequence's logits are [T, vocab] where its `all_logits` is set, else [1, vocab] for its last token.
-        """
-        device, lengths = sequences[0].device, [s.shape[0] for s in sequences]
-        sizes = torch.tensor(lengths, device=device)
-        rows = torch.repeat_interleave(torch.arange(len(lengths), device=device), sizes, output_size=sum(lengths))
-        positions = torch.cat([torch.arange(length, device=device) for length in lengths])
-        index = (rows + slot, slice(None), positions)
-        h = self._run(torch.cat(sequences)[None], positions[None], cache, index, None, lengths)[0]
-        keep = torch.tensor(all_logits, device=device)[rows] | (positions == (sizes - 1)[rows])
-        counts = [length if full else 1 for length, full in zip(lengths, all_logits, strict=True)]
-        return list(self.lm_head(h[keep]).float().split(counts))
-
-    @torch.inference_mode()
-    def decode(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One token for each of slots 0..B-1, whose caches hold `lengths` tokens; float32 logits [B, vocab]."""
-        span = torch.arange(int(lengths.max()) + 1, device=lengths.device)
-        mask = (span[None] <= lengths[:, None])[:, None, None]
-        slots = torch.arange(input_ids.shape[0], device=input_ids.device)
-        h = self._run(input_ids[:, None], lengths[:, None], cache, (slots, slice(None), lengths), mask, None)
-        return self.lm_head(h[:, 0]).float()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [N, vocab] of hidden states [N, hidden]."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,102 @@
+"""Attention over a paged KV cache: where a forward pass's tokens write K/V, and what each query attends to.
+
+The cache of one layer is a pool of fixed-size blocks, `[num_blocks,
+block_size, kv_heads, head_dim]`; a sequence owns the blocks its block table
+lists, position p living in block `table[p // block_size]` at offset
+`p % block_size`.  A forward pass packs all of a step's tokens along one
+axis: first one token per decoding sequence, then the prefill chunks.  Per
+layer, every token's K/V is written into its slot first, then queries attend:
+decode tokens in one batched call over their gathered blocks (padded to the
+longest table, masked by length), each prefill chunk on its own, over its
+own K/V when it starts the sequence (plain causal attention), else over its
+gathered blocks with a causal mask shifted by the chunk's start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """`count` packed tokens from row `row`, at positions start .. start + count - 1 of a sequence."""
+
+    row: int
+    count: int
+    start: int
+    blocks: torch.Tensor  # [n] the sequence's blocks covering positions 0 .. start + count - 1
+
+
+@dataclass
+class PagedBatch:
+    """What every layer of one forward pass shares about where tokens go and what they attend to."""
+
+    slots: torch.Tensor  # [T] flat cache slot (block * block_size + offset) of each packed token
+    num_decode: int  # the first num_decode packed tokens are one decoding token per sequence
+    decode_blocks: torch.Tensor | None  # [B, max_blocks] block tables (padded with each row's first block)
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size], True where a key exists
+    chunks: list[PrefillChunk]
+
+    @classmethod
+    def build(cls, block_size: int, tables: list[list[int]], starts: list[int], counts: list[int],
+              device: torch.device) -> PagedBatch:
+        """Sequences in packing order: decodes (count 1, listed first) then prefill chunks."""
+        slots, decode_tables, decode_lengths, chunks, row = [], [], [], [], 0
+        for table, start, count in zip(tables, starts, counts, strict=True):
+            positions = range(start, start + count)
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in positions)
+            blocks = table[: (start + count + block_size - 1) // block_size]
+            if count == 1 and start > 0 and not chunks:
+                decode_tables.append(blocks)
+                decode_lengths.append(start + 1)
+            else:
+                chunks.append(PrefillChunk(row, count, start, torch.tensor(blocks, device=device)))
+            row += count
+        decode_blocks = decode_mask = None
+        if decode_tables:
+            width = max(len(t) for t in decode_tables)
+            decode_blocks = torch.tensor([t + [t[0]] * (width - len(t)) for t in decode_tables], device=device)
+            keys = torch.arange(width * block_size, device=device)
+            decode_mask = (keys[None] < torch.tensor(decode_lengths, device=device)[:, None])[:, None, None]
+        return cls(torch.tensor(slots, device=device), len(decode_tables), decode_blocks, decode_mask, chunks)
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """[..., n] block ids -> [..., kv_heads, n * block_size, head_dim] keys or values."""
+    gathered = cache[blocks]  # [..., n, block_size, kv_heads, head_dim]
+    return gathered.flatten(-4, -3).transpose(-3, -2)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+    """q [T, heads, d], k/v [T, kv_heads, d] of the packed tokens -> attention output [T, heads, d].
+
+    Writes k/v into the caches at `batch.slots` first, so chunks and decodes
+    of the same pass see each other's keys where their tables share blocks.
+    """
+    k_cache.view(-1, *k_cache.shape[2:])[batch.slots] = k
+    v_cache.view(-1, *v_cache.shape[2:])[batch.slots] = v
+    out = torch.empty_like(q)
+    if batch.num_decode:
+        b = batch.num_decode
+        keys, values = _gather(k_cache, batch.decode_blocks), _gather(v_cache, batch.decode_blocks)
+        out[:b] = F.scaled_dot_product_attention(
+            q[:b, :, None], keys, values, attn_mask=batch.decode_mask, enable_gqa=True)[:, :, 0]
+    for chunk in batch.chunks:
+        rows = slice(chunk.row, chunk.row + chunk.count)
+        query = q[rows].transpose(0, 1)[None]
+        if chunk.start == 0:
+            keys, values = k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None]
+            result = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
+        else:
+            end = chunk.start + chunk.count
+            keys = _gather(k_cache, chunk.blocks)[None, :, :end]
+            values = _gather(v_cache, chunk.blocks)[None, :, :end]
+            positions = torch.arange(chunk.start, end, device=q.device)
+            mask = torch.arange(end, device=q.device)[None] <= positions[:, None]
+            result = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+        out[rows] = result[0].transpose(0, 1)
+    return out
