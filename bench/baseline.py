@@ -1,4 +1,4 @@
-"""Baseline: plain transformers generate() on the same model folder and prompts, batched and timed."""
+"""Baseline: plain transformers generate() on the same model folder and prompts, in static batches, timed."""
 
 from __future__ import annotations
 
@@ -6,12 +6,21 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from bench.prompts import Prompt
 
 log = logging.getLogger("bench.baseline")
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
+    """The ids of the tokens the server made of the prompt (so both sides see the same input)."""
+    ids = tokenizer.convert_tokens_to_ids(list(prompt.tokens))
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ValueError(f"the server's tokens are not in this model's vocabulary: {prompt.tokens}")
+    return ids
 
 
 class Baseline:
@@ -26,11 +35,7 @@ class Baseline:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
 
     def token_ids(self, prompt: Prompt) -> list[int]:
-        """The ids of the tokens the server made of the prompt (so both sides see the same input)."""
-        ids = self.tokenizer.convert_tokens_to_ids(list(prompt.tokens))
-        if any(i is None or i == self.tokenizer.unk_token_id for i in ids):
-            raise ValueError(f"the server's tokens are not in this model's vocabulary: {prompt.tokens}")
-        return ids
+        return token_ids(self.tokenizer, prompt)
 
     def warm_up(self, prompts: list[Prompt]) -> None:
         """A short untimed batch: the first generate() calls pay one-off allocation and initialisation costs."""
@@ -53,6 +58,15 @@ class Baseline:
             done += 1
         return {"batch_size": batch_size, "batches": done, "generated_tokens": tokens, "duration_s": elapsed,
                 "tokens_per_s": tokens / elapsed if elapsed else 0.0}
+
+    def first_token_s(self, prompts: list[Prompt]) -> dict:
+        """Time to the first token (a one-token generate(): the prefill) of each prompt alone; the median."""
+        times = []
+        for prompt in prompts:
+            started = time.perf_counter()
+            self._generate([self.token_ids(prompt)], 1)
+            times.append(time.perf_counter() - started)
+        return {"prompts": len(prompts), "ttft_s": float(np.median(times)) if times else None}
 
     def _generate(self, rows: list[list[int]], new_tokens: int) -> int:
         """One batched greedy generate() with left padding; returns the number of tokens generated."""

@@ -22,9 +22,13 @@ def generation_request(text: str, output_tokens: int) -> pb.SingleGenerationRequ
 
 
 async def stream_one(stub: generation_pb2_grpc.GenerationServiceStub, prompt: Prompt, output_tokens: int,
-                     timeout: float | None) -> RequestTiming:
-    """Send one GenerateStream request and record each message's arrival; errors are recorded, not raised."""
-    timing = RequestTiming(sent=time.perf_counter())
+                     timeout: float | None, timing: RequestTiming | None = None) -> RequestTiming:
+    """Send one GenerateStream request and record each message's arrival; errors are recorded, not raised.
+
+    Pass `timing` to watch the request's progress while it runs.
+    """
+    timing = timing or RequestTiming(sent=0.0)
+    timing.sent = time.perf_counter()
     try:
         async for message in stub.GenerateStream(generation_request(prompt.text, output_tokens), timeout=timeout):
             timing.arrivals.append((time.perf_counter(), message.generated_token_count))
@@ -70,11 +74,10 @@ class PromptQueue:
             return prompt
 
 
-async def run_level(stub: generation_pb2_grpc.GenerationServiceStub, factory: PromptFactory, concurrency: int,
+async def run_level(stub: generation_pb2_grpc.GenerationServiceStub, queue: PromptQueue, concurrency: int,
                     output_tokens: int, requests: int | None, duration: float | None,
                     timeout: float | None) -> LevelRun:
     """Keep `concurrency` requests in flight until `requests` were sent or `duration` seconds passed."""
-    queue = PromptQueue(factory, await factory.build(requests or 4 * concurrency), refill=4 * concurrency)
     timings: list[RequestTiming] = []
     sent = 0
     started = time.perf_counter()

@@ -59,6 +59,15 @@ class LaunchedServer:
     def address(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        """The launcher's process id while it runs (its children are the services)."""
+        return self.process.pid if self.process else None
+
     def start(self, timeout: float) -> LaunchedServer:
         """Start the launcher and wait for /health to answer 200; raise (after stopping it) if it does not."""
         log.info("starting %s (log: %s)", " ".join(self.argv), self.log_path)

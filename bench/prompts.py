@@ -55,28 +55,35 @@ class PromptFactory:
         self.words = [word for word, count in zip(WORDS, counts[1:], strict=True) if count - counts[0] == 1]
         if len(self.words) < 16:
             self.words = list(WORDS)  # an unusual tokenizer: fall back on the adjustment loop
-        if self.target < self.overhead + 1:
-            raise ValueError(f"--input-tokens must be at least {self.overhead + 1} for this tokenizer")
 
-    async def build(self, count: int) -> list[Prompt]:
-        """`count` prompts of exactly `self.target` tokens, each a different word order."""
-        drafts = [self._draft(self.target - self.overhead) for _ in range(count)]
+    async def build(self, count: int, tokens: int | None = None) -> list[Prompt]:
+        """`count` prompts of exactly `tokens` (default `self.target`) tokens, each a different word order."""
+        target = tokens or self.target
+        if target < self.overhead + 1:
+            raise ValueError(f"prompts must be at least {self.overhead + 1} tokens long for this tokenizer")
+        drafts = [self._draft(target - self.overhead) for _ in range(count)]
         for _ in range(MAX_ADJUST_ROUNDS):
             responses = (await self._tokenize([" ".join(d) for d in drafts], return_tokens=True)).responses
-            if all(r.token_count == self.target for r in responses):
+            if all(r.token_count == target for r in responses):
                 return [Prompt(" ".join(d), tuple(r.tokens)) for d, r in zip(drafts, responses, strict=True)]
-            drafts = [self._adjust(d, r.token_count) for d, r in zip(drafts, responses, strict=True)]
-        raise RuntimeError(f"could not build prompts of exactly {self.target} tokens")
+            drafts = [self._adjust(d, r.token_count, target) for d, r in zip(drafts, responses, strict=True)]
+        raise RuntimeError(f"could not build prompts of exactly {target} tokens")
+
+    async def build_with_prefix(self, prefix: Prompt, count: int, suffix_words: int) -> list[Prompt]:
+        """`count` prompts that all start with `prefix`'s text, each followed by its own random words."""
+        texts = [f"{prefix.text} {' '.join(self._draft(suffix_words))}" for _ in range(count)]
+        responses = (await self._tokenize(texts, return_tokens=True)).responses
+        return [Prompt(text, tuple(r.tokens)) for text, r in zip(texts, responses, strict=True)]
 
     def _draft(self, n_words: int) -> list[str]:
         # Random order and choice per prompt: no two prompts share a prefix a cache could reuse.
         return [self.rng.choice(self.words) for _ in range(max(n_words, 1))]
 
-    def _adjust(self, words: list[str], count: int) -> list[str]:
+    def _adjust(self, words: list[str], count: int, target: int) -> list[str]:
         """Drop words when too long, add some when too short (at least one word is kept)."""
-        if count > self.target:
-            return words[: max(1, len(words) - (count - self.target))]
-        return words + self._draft(self.target - count) if count < self.target else words
+        if count > target:
+            return words[: max(1, len(words) - (count - target))]
+        return words + self._draft(target - count) if count < target else words
 
     async def _tokenize(self, texts: list[str], return_tokens: bool = False) -> pb.BatchedTokenizeResponse:
         request = pb.BatchedTokenizeRequest(requests=[pb.TokenizeRequest(text=t) for t in texts],

@@ -26,22 +26,36 @@ class RequestTiming:
 
     def ttft(self) -> float | None:
         """Seconds from sending to the first message that carries a generated token."""
-        first = next((t for t, count in self.arrivals if count > 0), None)
+        first = self.first_token_at()
         return None if first is None else first - self.sent
 
-    def inter_token_latencies(self) -> list[float]:
-        """One sample per token after the first: the gap between messages divided by the tokens it brought."""
-        samples: list[float] = []
+    def token_gaps(self) -> list[tuple[float, float, int]]:
+        """(previous arrival, arrival, tokens it brought) for each message that raised the token count after the first."""
+        gaps: list[tuple[float, float, int]] = []
         previous: tuple[float, int] | None = None
         for arrival, count in self.arrivals:
             if count <= 0:
                 continue
             if previous is not None and count > previous[1]:
-                increase = count - previous[1]
-                # A message carrying several tokens counts once per token, so percentiles are per token.
-                samples.extend([(arrival - previous[0]) / increase] * increase)
+                gaps.append((previous[0], arrival, count - previous[1]))
             previous = (arrival, count)
+        return gaps
+
+    def inter_token_latencies(self, during: tuple[float, float] | None = None) -> list[float]:
+        """One sample per token after the first: the gap between messages divided by the tokens it brought.
+
+        With `during` = (start, end), only the gaps that overlap that window (a stall spanning it counts).
+        """
+        samples: list[float] = []
+        for start, end, tokens in self.token_gaps():
+            if during is None or (end > during[0] and start < during[1]):
+                # A message carrying several tokens counts once per token, so percentiles are per token.
+                samples.extend([(end - start) / tokens] * tokens)
         return samples
+
+    def first_token_at(self) -> float | None:
+        """Arrival time of the first message that carries a generated token."""
+        return next((t for t, count in self.arrivals if count > 0), None)
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:

