@@ -240,7 +240,8 @@ class Batcher:
                 count = min(budget, len(sequence.tokens) - sequence.computed)
                 chunks.append(self._chunk(sequence, count))
                 budget -= count
-        chunks += self._admit(now, budget)
+        if not self.plan.counters.get("preemptions"):  # blocks just ran out: nobody joins this step
+            chunks += self._admit(now, budget)
         if not (chunks or self.to_remove):
             return None
         new = [s for s in self.plan.added if not s.on_workers]

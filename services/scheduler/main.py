@@ -70,6 +70,7 @@ class SchedulerProcess:
         self.known_gateways: set[bytes] = set()
         self.model: ModelInfo | None = None
         self.ready_ranks: dict[int, ModelInfo] = {}
+        self.kv_pools: dict[int, tuple[int, int]] = {}  # rank -> (num_blocks, block_size) of its KV pool
         self.last_seen: dict[int, float] = {}
         self.batcher: Batcher | None = None
         self.in_flight: tuple[Step, float] | None = None
@@ -117,6 +118,7 @@ class SchedulerProcess:
     def _on_worker_ready(self, message: WorkerReady) -> None:
         self.last_seen[message.rank] = time.monotonic()
         self.ready_ranks[message.rank] = message.model
+        self.kv_pools[message.rank] = (message.num_blocks, message.block_size)
         log.info("worker rank %d ready (%d/%d): %s", message.rank, len(self.ready_ranks), self.config.num_shard,
                  message.model.model_name)
         if len(self.ready_ranks) < self.config.num_shard:
@@ -132,8 +134,8 @@ class SchedulerProcess:
     def _new_batcher(self, batch_size: int) -> Batcher:
         """The batcher over the smallest KV block pool of the ready ranks, admitting by TGIS's weight model."""
         assert self.model is not None
-        num_blocks = min(ready.num_blocks for ready in self.ready_ranks.values())
-        block_size = next(iter(self.ready_ranks.values())).block_size
+        num_blocks = min(blocks for blocks, _ in self.kv_pools.values())
+        block_size = self.kv_pools[0][1]
         memory = MemoryModel.from_config(self.config.estimate_memory, self.config.batch_safety_margin,
                                          self.model.max_sequence_length, batch_size, num_blocks * block_size)
         memory.check_startup(self.model.max_sequence_length)
