@@ -203,9 +203,18 @@ def test_half_given_tls_settings_stop_the_gateway_alone(tmp_path, pki, settings,
     assert "ERROR gateway" in result.stderr and message in result.stderr
 
 
-def test_unreadable_certificate_stops_the_pipeline(tiny_model_path, tmp_path, pki):
-    result = run_launcher(tiny_model_path, tmp_path, "--num-tokenizers", "1",
-                          "--tls-cert-path", str(tmp_path / "missing.crt"), "--tls-key-path", str(pki.server.key))
+@pytest.mark.parametrize(("files", "message"), [
+    (("missing", "server", None), "No such file or directory"),
+    (("server", "client", None), "the key does not match the certificate"),  # issue 11: found only after loading
+    (("server", "server", "missing"), "tls: cannot read client ca cert"),
+])
+def test_unusable_tls_files_stop_the_launcher_before_any_model_loads(tiny_model_path, tmp_path, pki, files, message):
+    cert, key, ca = (None if name is None else tmp_path / "missing.pem" if name == "missing" else getattr(pki, name)
+                     for name in files)
+    args = ["--tls-cert-path", str(getattr(cert, "cert", cert)), "--tls-key-path", str(getattr(key, "key", key))]
+    if ca is not None:
+        args += ["--tls-client-ca-cert-path", str(ca)]
+    result = run_launcher(tiny_model_path, tmp_path, *args)
     output = result.stderr + result.stdout
     assert result.returncode == 1
-    assert "couldn't load cert from" in output and "gateway exited unexpectedly with code 1" in output
+    assert message in output and "started" not in output  # no service (and no model) was started

@@ -110,7 +110,7 @@ class SchedulerClient:
             except Exception:  # one message's bug must not stop the routing of everyone else's tokens
                 log.exception("failed to handle a %s from the scheduler", type(message).__name__)
 
-    async def _watch_scheduler(self, interval: float = 2.0, misses_allowed: int = 3) -> None:
+    async def _watch_scheduler(self, interval: float = 1.0, misses_allowed: int = 3) -> None:
         """Fail in-flight requests when the scheduler stops answering pings, rather than leave them hanging."""
         await self.ready.wait()
         misses = 0
