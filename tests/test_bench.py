@@ -89,3 +89,27 @@ def test_step_costs_from_metrics_text():
     assert costs["steps"] == 10
     assert costs["step_ms"] == pytest.approx(100.0) and costs["outside_forward_ms"] == pytest.approx(10.0)
     assert step_costs(after, after)["outside_forward_ms"] is None
+
+
+@pytest.mark.demo_model
+def test_llama_cpp_baseline_streams_the_asked_tokens_one_prompt_at_a_time(demo_model_path):
+    pytest.importorskip("llama_cpp", reason="the optional bench extra (llama-cpp-python) is not installed")
+    from transformers import AutoTokenizer
+
+    from bench.compare import ratio
+    from bench.llamacpp import PROMPTS_PER_CASE, LlamaCppBaseline, demo_gguf
+    from bench.scenarios import Case
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path)
+    shared = tokenizer("The history of the city " * 40)["input_ids"]
+    prompts = [shared + tokenizer(f" question {i}?")["input_ids"] for i in range(PROMPTS_PER_CASE + 1)]
+    baseline = LlamaCppBaseline(demo_gguf(), threads=2, context=512)
+    figures = baseline.run(Case("short", "conc 8", (), 8, 3, "throughput"), prompts)
+    # One stream at a time, on at most PROMPTS_PER_CASE prompts, exactly the asked tokens each.
+    assert figures["prompts"] == PROMPTS_PER_CASE and figures["generated_tokens"] == 3 * PROMPTS_PER_CASE
+    assert figures["tokens_per_s"] > 0 and figures["itl_s"] > 0
+    first = baseline.run(Case("prefix", "first", (), 1, 1, "ttft"), prompts[:1])
+    repeats = baseline.run(Case("prefix", "repeat", (), 1, 1, "ttft"), prompts[1:])
+    assert repeats["prompts"] == PROMPTS_PER_CASE and first["ttft_s"] > 0 and repeats["ttft_s"] > 0
+    row = {"completed": 1, "ttft_s": {"p50": first["ttft_s"] / 2}, "tokens_per_s": None}
+    assert ratio(row, {"measure": "ttft", **first}) == pytest.approx(2.0)
