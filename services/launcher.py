@@ -26,11 +26,12 @@ from services.common.logs import setup_logging
 from services.common.model_path import DEMO_MODEL
 from services.gateway.tls import tls_files_error
 from services.scheduler.admission import check_settings
+from services.worker.config import quantize_method
 
 log = logging.getLogger("launcher")
 
 # TGIS launcher knobs that this pipeline accepts but does not act on (yet).
-ACCEPTED_NOT_USED = ("quantize", "max_prefill_padding", "shard_uds_path",
+ACCEPTED_NOT_USED = ("max_prefill_padding", "shard_uds_path",
                      "otlp_endpoint", "otlp_service_name", "cuda_process_memory_fraction")
 
 
@@ -41,7 +42,8 @@ class LauncherConfig:
     deployment_framework: str = knob("hf_transformers", "DEPLOYMENT_FRAMEWORK", "TGIS engine name (this pipeline has one engine)")
     dtype: str | None = knob(None, "DTYPE", "weights dtype")
     dtype_str: str | None = knob(None, "DTYPE_STR", "weights dtype (TGIS's other name for --dtype)")
-    quantize: str | None = knob(None, "QUANTIZE", "quantization (not supported yet)")
+    quantize: str | None = knob(None, "QUANTIZE", "weight-only quantization at load: none, int8 or int4 (matmuls in bfloat16)")
+    quantize_group_size: int = knob(32, "QUANTIZE_GROUP_SIZE", "int4: input columns per scale/zero pair")
     num_shard: int | None = knob(None, "NUM_SHARD", "worker ranks (tensor parallel degree)")
     max_concurrent_requests: int = knob(512, "MAX_CONCURRENT_REQUESTS", "inputs in flight before 'Model is overloaded'")
     max_sequence_length: int | None = knob(None, "MAX_SEQUENCE_LENGTH", "max input + output tokens (default: model config, else 2048)")
@@ -103,6 +105,7 @@ def check_config(config: LauncherConfig) -> None:
         raise SystemExit("num_tokenizers must be > 0")
     try:
         check_settings(config.estimate_memory, config.batch_safety_margin)
+        quantize_method(config.quantize)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     # Before any model loads: a bad certificate or key must not cost a model load to find out.
@@ -157,6 +160,7 @@ class Launcher:
         env = dict(environ)
         settings = {
             "MODEL_NAME": c.model_name, "REVISION": c.revision, "DTYPE_STR": c.dtype_str or c.dtype,
+            "QUANTIZE": c.quantize, "QUANTIZE_GROUP_SIZE": c.quantize_group_size,
             "MAX_SEQUENCE_LENGTH": c.max_sequence_length, "MAX_NEW_TOKENS": c.max_new_tokens,
             "MAX_BATCH_SIZE": c.max_batch_size, "MAX_WAITING_TOKENS": c.max_waiting_tokens,
             "ESTIMATE_MEMORY": c.estimate_memory, "BATCH_SAFETY_MARGIN": c.batch_safety_margin,

@@ -27,11 +27,14 @@ def test_contradictory_settings_are_refused():
         check_config(LauncherConfig(dtype="float16", dtype_str="float32"))
     with pytest.raises(SystemExit, match="cuda_process_memory_fraction must be in range 0 < x <= 1"):
         check_config(LauncherConfig(cuda_process_memory_fraction=1.5))
+    with pytest.raises(SystemExit, match="^gptq quantization not supported by tgis-pipeline"):
+        check_config(LauncherConfig(quantize="gptq"))
 
 
 def test_unused_tgis_flags_are_accepted_with_a_warning(caplog):
-    check_config(LauncherConfig(quantize="gptq", max_prefill_padding=0.5))
-    assert "--quantize is set to gptq but this pipeline does not use it yet" in caplog.text
+    check_config(LauncherConfig(quantize="int4", max_prefill_padding=0.5))
+    assert "--max-prefill-padding is set to 0.5 but this pipeline does not use it yet" in caplog.text
+    assert "--quantize" not in caplog.text
 
 
 @pytest.mark.e2e

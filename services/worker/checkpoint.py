@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from services.worker.model import LlamaForCausalLM, ModelArgs, rope_inv_freq
+from services.worker.quant import DEFAULT_GROUP_SIZE, quantize_model
 
 
 def _checkpoint_files(folder: Path) -> dict[str, Path]:
@@ -37,9 +38,10 @@ def _checkpoint_name(param: str) -> tuple[str, int | None]:
     return param, None
 
 
-def load_model(folder: Path, dtype: torch.dtype, device: torch.device,
-               rank: int = 0, world_size: int = 1, group=None) -> LlamaForCausalLM:
-    """Build the model from `folder/config.json` and load (this rank's shard of) its safetensors weights."""
+def load_model(folder: Path, dtype: torch.dtype, device: torch.device, rank: int = 0, world_size: int = 1,
+               group=None, quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> LlamaForCausalLM:
+    """Build the model from `folder/config.json` and load (this rank's shard of) its safetensors weights,
+    then quantize its linear layers when `quantize` names a method (`services/worker/quant.py`)."""
     args = ModelArgs.from_config(json.loads((folder / "config.json").read_text()))
     with torch.device("meta"):
         model = LlamaForCausalLM(args, rank, world_size, group).to(dtype)
@@ -68,4 +70,6 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device,
             param.copy_(tensor)
     # Fused q/k/v and gate/up projections: one GEMM each per layer instead of three and two.
     model.fuse_projections()
+    # After sharding: each rank quantizes its own slice (groups stay inside it).
+    quantize_model(model, quantize, group_size)
     return model.eval()

@@ -31,7 +31,7 @@ class WorkerConfig:
     kv_cache_memory: str = knob("auto", "KV_CACHE_MEMORY", "KV block pool size, e.g. 4GiB (auto: 25% of RAM on CPU, 90% of free GPU memory after loading)")
     kv_block_size: int = knob(16, "KV_BLOCK_SIZE", "token positions per KV cache block")
     quantize: str | None = knob(None, "QUANTIZE", "weight-only quantization at load: none, int8 (per channel) or int4 (group-wise); matmuls in bfloat16")
-    quantize_group_size: int = knob(64, "QUANTIZE_GROUP_SIZE", "int4: input columns per scale (halved for a layer it does not divide)")
+    quantize_group_size: int = knob(32, "QUANTIZE_GROUP_SIZE", "int4: input columns per scale/zero pair (halved for a layer it does not divide)")
     device: str = knob("auto", "WORKER_DEVICE", "torch device: auto, cpu, cuda, cuda:N (auto: cuda:LOCAL_RANK if available)")
     rank: int = knob(0, "RANK", "this process's rank in the model replica")
     world_size: int = knob(1, "WORLD_SIZE", "ranks in the model replica (tensor parallel degree)")
