@@ -85,6 +85,16 @@ class SchedulerClient:
         finally:
             self._pings.pop(nonce, None)
 
+    async def answers(self, timeout: float = 0.5) -> bool:
+        """Whether the scheduler is reachable; once it was declared lost, a short ping decides (it may be back)."""
+        if self.reachable:
+            return True
+        try:
+            await self.ping(timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def run(self) -> None:
         """Say hello (again every second until the model info arrives), then route messages until cancelled.
 

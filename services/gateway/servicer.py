@@ -98,7 +98,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def _refuse_if_unavailable(self, context: grpc.aio.ServicerContext) -> None:
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "Server is shutting down")
-        if not self.scheduler.reachable:
+        if not await self.scheduler.answers():
             # Fail now rather than queue behind a scheduler that may never answer.
             await context.abort(grpc.StatusCode.UNAVAILABLE, SCHEDULER_UNAVAILABLE)
 
