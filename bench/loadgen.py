@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -232,11 +233,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    # SIGTERM unwinds like Ctrl-C, so a launched server is stopped on the way out.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         results = run_benchmark(args)
     except (grpc.aio.AioRpcError, RuntimeError, TimeoutError, ValueError) as exc:
         log.error("benchmark failed: %s", exc)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(header(results["config"]))
     print(summary_table(results["servers"], results["baselines"]))
     print(server_table(results["servers"]))

@@ -11,6 +11,10 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share * 100:.0f}%"
+
+
 def render(columns: list[str], rows: list[list[str]]) -> str:
     """Right-aligned columns under a header and a rule."""
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
@@ -77,16 +81,18 @@ def baseline_table(baselines: dict[str, dict]) -> str:
 
 
 def server_table(servers: list[dict]) -> str:
-    """Per server and scenario: mean step time, its forward pass and the rest (from /metrics), the worker's memory."""
+    """Per server and scenario: mean step time, its forward pass and the rest, the prefix-cache hit share (all from
+    /metrics), and the worker's memory."""
     rows = []
     for server in servers:
         for scenario in server["scenarios"]:
             step, memory = scenario.get("step") or {}, scenario.get("worker_memory") or {}
             rows.append([server["server"], scenario["scenario"], str(step.get("steps", "-")), _num(step.get("step_ms"), 2),
                          _num(step.get("forward_ms"), 2), _num(step.get("outside_forward_ms"), 2),
+                         _percent(step.get("prefix_hit_share")),
                          _num(memory.get("rss_mib"), 0), _num(memory.get("peak_rss_mib"), 0)])
     return "\nserver side\n" + render(["server", "scenario", "steps", "step ms", "forward ms", "outside fwd ms",
-                                       "worker RSS MiB", "peak MiB"], rows)
+                                       "prefix hit", "worker RSS MiB", "peak MiB"], rows)
 
 
 def quality_table(rows: list[dict]) -> str:

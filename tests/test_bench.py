@@ -82,11 +82,18 @@ def test_step_costs_from_metrics_text():
         "# TYPE tgi_batch_inference_forward_duration histogram",
         'tgi_batch_inference_forward_duration_sum{method="prefill",makeup="single_only"} 0.45',
         'tgi_batch_inference_forward_duration_sum{method="next_token",makeup="single_only"} 1.35',
+        "# TYPE tgi_prefix_cache_hit_tokens counter",
+        "tgi_prefix_cache_hit_tokens 300",
+        "tgi_prefix_cache_hit_tokens_total 300",
+        "# TYPE tgi_prefix_cache_queried_tokens counter",
+        "tgi_prefix_cache_queried_tokens 400",
+        "tgi_prefix_cache_queried_tokens_total 400",
     ])
     after = step_totals(text)
-    assert after == {"steps": 20, "step_s": pytest.approx(2.0), "forward_s": pytest.approx(1.8)}
-    costs = step_costs({"steps": 10, "step_s": 1.0, "forward_s": 0.9}, after)
-    assert costs["steps"] == 10
+    assert after == {"steps": 20, "step_s": pytest.approx(2.0), "forward_s": pytest.approx(1.8), "prefix_hit": 300,
+                     "prefix_queried": 400}
+    costs = step_costs({"steps": 10, "step_s": 1.0, "forward_s": 0.9, "prefix_hit": 100, "prefix_queried": 200}, after)
+    assert costs["steps"] == 10 and costs["prefix_hit_share"] == pytest.approx(1.0)
     assert costs["step_ms"] == pytest.approx(100.0) and costs["outside_forward_ms"] == pytest.approx(10.0)
     assert step_costs(after, after)["outside_forward_ms"] is None
 
