@@ -9,6 +9,7 @@ order, ending with exactly one final event (or a failure).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -121,22 +122,27 @@ class Generation:
         if delta.error:
             self.fail(f"detokenization failed: {delta.error}")
             return
-        pieces = list(delta.pieces)
-        if self.input_details is not None and delta.first_index == 0 and self.params.logits.input_details:
+        input_details = self.input_details if delta.first_index == 0 and self.params.logits.input_details else None
+        wanted = sum(1 + len(d.top_ids) for d in input_details or ())
+        if self.wants_details:
+            wanted += sum(1 + len(d.top_ids) for i in range(len(delta.texts))
+                          if (d := self.details.get(delta.first_index + i)) is not None)
+        if len(delta.pieces) < wanted:
+            self.fail(f"detokenization failed: {len(delta.pieces)} token pieces for {wanted}")
+            return
+        pieces = iter(delta.pieces)  # consumed in order: the input details' pieces, then each token's
+        if input_details is not None:
             infos = []
-            for i, detail in enumerate(self.input_details):
-                n = 1 + len(detail.top_ids)
-                infos.append(_token_info(detail, pieces[:n], self.params, first_input=i == 0))
-                pieces = pieces[n:]
+            for i, detail in enumerate(input_details):
+                infos.append(_token_info(detail, list(itertools.islice(pieces, 1 + len(detail.top_ids))), self.params,
+                                         first_input=i == 0))
             self.events.put_nowait(InputTokensEvent(infos))
         for i, text in enumerate(delta.texts):
             index = delta.first_index + i
             detail = self.details.pop(index, None)
             token = None
             if self.wants_details and detail is not None:
-                n = 1 + len(detail.top_ids)
-                token = _token_info(detail, pieces[:n], self.params)
-                pieces = pieces[n:]
+                token = _token_info(detail, list(itertools.islice(pieces, 1 + len(detail.top_ids))), self.params)
             count = index + 1
             event = TokenEvent(count, text, token)
             if delta.stop_reason == StopReason.STOP_SEQUENCE and i == len(delta.texts) - 1:
