@@ -6,6 +6,7 @@ One pipeline (tiny model) serves every test here; none of them stops a service.
 from __future__ import annotations
 
 import concurrent.futures
+import random
 import time
 
 import grpc
@@ -139,6 +140,29 @@ BAD_FRAMES = [
 ]
 
 
+def random_value(rng: random.Random, depth: int = 0):
+    makers = [lambda: None, lambda: rng.random() < 0.5, lambda: rng.randrange(-2**63, 2**64),
+              lambda: rng.random() * 1e6, lambda: "x" * rng.randrange(9), lambda: rng.randbytes(rng.randrange(9)),
+              lambda: [rng.randrange(100)] * rng.randrange(1, 6)]
+    if depth < 3:
+        makers += [lambda: [random_value(rng, depth + 1) for _ in range(rng.randrange(4))],
+                   lambda: {str(i): random_value(rng, depth + 1) for i in range(rng.randrange(3))}]
+    return rng.choice(makers)()
+
+
+def random_frames(rng: random.Random, count: int) -> list[list[bytes]]:
+    """Frames of every kind with fields of random types and shapes, and plain garbage."""
+    frames = []
+    for _ in range(count):
+        kind = bytes([rng.choice(list(MessageKind))])
+        if rng.random() < 0.2:
+            frames.append([kind, rng.randbytes(rng.randrange(40))])
+        else:
+            fields = [random_value(rng) for _ in range(rng.randrange(7))]
+            frames.append([kind, msgpack.packb([PROTOCOL_VERSION, fields])])
+    return frames
+
+
 @pytest.mark.parametrize("socket_name", ["tokenizers", "scheduler", "results"])
 def test_wrong_typed_and_deep_frames_are_dropped(pipeline, socket_name):
     members = pipeline.metric("tgi_tokenizer_pool_size")
@@ -147,7 +171,7 @@ def test_wrong_typed_and_deep_frames_are_dropped(pipeline, socket_name):
         peer = ctx.socket(zmq.DEALER)
         peer.setsockopt(zmq.LINGER, 0)
         peer.connect(endpoint(pipeline, socket_name))
-        for frames in BAD_FRAMES:
+        for frames in BAD_FRAMES + random_frames(random.Random(socket_name), 300):
             peer.send_multipart(frames)
         # An unknown tokenizer peer that sends results and heartbeats never joins the pool.
         peer.send_multipart(encode(Heartbeat("intruder")))
