@@ -221,9 +221,6 @@ def _cancelled(pipeline: Pipeline) -> float:
     return 0.0
 
 
-_any_scalar = st.one_of(st.integers(0, 2**64 - 1), st.floats(), st.booleans(), st.text(max_size=20))
-
-
 @st.composite
 def generation_requests(draw) -> bytes:
     """Raw bodies: protobuf requests with wild values, or arbitrary bytes."""
@@ -256,19 +253,28 @@ def generation_requests(draw) -> bytes:
 
 
 def test_fuzzed_requests_get_an_answer_or_a_clear_status(pipeline):
-    call = pipeline.channel.unary_unary("/fmaas.GenerationService/Generate", request_serializer=None,
-                                        response_deserializer=None)
+    channel = pipeline.channel
+    calls = {
+        "Generate": channel.unary_unary("/fmaas.GenerationService/Generate", request_serializer=None,
+                                        response_deserializer=None),
+        # The same bytes read as the other methods' request types: unknown fields, clashing wire types.
+        "GenerateStream": lambda body, timeout: list(channel.unary_stream(
+            "/fmaas.GenerationService/GenerateStream", request_serializer=None, response_deserializer=None)(
+                body, timeout=timeout)),
+        "Tokenize": channel.unary_unary("/fmaas.GenerationService/Tokenize", request_serializer=None,
+                                        response_deserializer=None),
+    }
     codes: dict[grpc.StatusCode, int] = {}
 
     @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(body=generation_requests())
-    def check(body: bytes) -> None:
+    @given(method=st.sampled_from(sorted(calls)), body=generation_requests())
+    def check(method: str, body: bytes) -> None:
         try:
-            pb.BatchedGenerationResponse.FromString(call(body, timeout=30))
+            calls[method](body, timeout=30)
             codes[grpc.StatusCode.OK] = codes.get(grpc.StatusCode.OK, 0) + 1
         except grpc.RpcError as exc:
             assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), \
-                (exc.code(), exc.details())
+                (method, exc.code(), exc.details())
             assert exc.details(), exc.code()
             codes[exc.code()] = codes.get(exc.code(), 0) + 1
 
