@@ -370,7 +370,10 @@ class StepFailed(Wire):
 
 
 class Heartbeat(Wire):
-    """Periodic liveness from a worker rank or tokenizer process."""
+    """Periodic liveness from a worker rank or tokenizer process.
+
+    Receivers know the sender by the connection it said hello on; `sender` only names it in logs.
+    """
 
     KIND: ClassVar[MessageKind] = MessageKind.HEARTBEAT
     sender: str
