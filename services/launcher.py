@@ -51,6 +51,10 @@ class LauncherConfig:
     max_batch_size: int = knob(12, "MAX_BATCH_SIZE", "max sequences in the running batch")
     max_prefill_padding: float = knob(0.2, "MAX_PREFILL_PADDING", "TGIS padding limit (batches here are unpadded)")
     batch_safety_margin: int = knob(20, "BATCH_SAFETY_MARGIN", "percent of the admission weight limit kept free")
+    kv_cache_memory: str = knob("auto", "KV_CACHE_MEMORY", "KV block pool size per rank, e.g. 4GiB (auto: 25%% of RAM on CPU, 90%% of free GPU memory)")
+    kv_block_size: int = knob(16, "KV_BLOCK_SIZE", "token positions per KV cache block")
+    prefix_caching: bool = knob(True, "PREFIX_CACHING", "reuse cached KV blocks of common prompt prefixes")
+    max_prefill_tokens: int = knob(512, "MAX_PREFILL_TOKENS", "prompt tokens computed per step (chunked prefill budget)")
     estimate_memory: str = knob("auto", "ESTIMATE_MEMORY", "admission weight model: auto (from the KV block pool), manual or off")
     max_waiting_tokens: int = knob(24, "MAX_WAITING_TOKENS", "decode steps before waiting requests join anyway")
     port: int = knob(3000, "PORT", "HTTP /health and /metrics port", short="-p")
@@ -163,6 +167,8 @@ class Launcher:
             "QUANTIZE": c.quantize, "QUANTIZE_GROUP_SIZE": c.quantize_group_size,
             "MAX_SEQUENCE_LENGTH": c.max_sequence_length, "MAX_NEW_TOKENS": c.max_new_tokens,
             "MAX_BATCH_SIZE": c.max_batch_size, "MAX_WAITING_TOKENS": c.max_waiting_tokens,
+            "KV_CACHE_MEMORY": c.kv_cache_memory, "KV_BLOCK_SIZE": c.kv_block_size,
+            "PREFIX_CACHING": c.prefix_caching, "MAX_PREFILL_TOKENS": c.max_prefill_tokens,
             "ESTIMATE_MEMORY": c.estimate_memory, "BATCH_SAFETY_MARGIN": c.batch_safety_margin,
             "MAX_CONCURRENT_REQUESTS": c.max_concurrent_requests, "PORT": c.port, "GRPC_PORT": c.grpc_port,
             "TLS_CERT_PATH": c.tls_cert_path, "TLS_KEY_PATH": c.tls_key_path,

@@ -28,7 +28,7 @@ class WorkerConfig:
     max_sequence_length: int | None = knob(None, "MAX_SEQUENCE_LENGTH", "max input + output tokens (default: model config, else 2048)")
     max_new_tokens: int = knob(1024, "MAX_NEW_TOKENS", "max generated tokens per request (lowered to max_sequence_length - 1)")
     max_batch_size: int = knob(12, "MAX_BATCH_SIZE", "max sequences in the running batch (KV cache slots)")
-    kv_cache_memory: str = knob("auto", "KV_CACHE_MEMORY", "KV block pool size, e.g. 4GiB (auto: 25% of RAM on CPU, 90% of free GPU memory after loading)")
+    kv_cache_memory: str = knob("auto", "KV_CACHE_MEMORY", "KV block pool size, e.g. 4GiB (auto: 25%% of RAM on CPU, 90%% of free GPU memory after loading)")
     kv_block_size: int = knob(16, "KV_BLOCK_SIZE", "token positions per KV cache block")
     quantize: str | None = knob(None, "QUANTIZE", "weight-only quantization at load: none, int8 (per channel) or int4 (group-wise); matmuls in bfloat16")
     quantize_group_size: int = knob(32, "QUANTIZE_GROUP_SIZE", "int4: input columns per scale/zero pair (halved for a layer it does not divide)")
