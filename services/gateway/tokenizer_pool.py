@@ -172,7 +172,7 @@ class TokenizerPool:
         member.handled += 1
         self.on_handled(member.name)
         job = self.jobs.get(result.job_id)
-        if job is None or job.future.done():
+        if job is None or job.future.done() or job.member != member.identity:
             return
         if result.error:
             job.future.set_exception(TokenizerFailed(result.error))
@@ -224,8 +224,10 @@ class TokenizerPool:
         self.on_handled(member.name)
         for delta in result.deltas:
             session = self.sessions.get(delta.request_id)
-            item = session.pending.pop(delta.first_index, None) if session is not None else None
-            if session is None or item is None:
+            if session is None or session.member != member.identity:
+                continue  # closed, or moved to another member: that one answers
+            item = session.pending.pop(delta.first_index, None)
+            if item is None:
                 continue
             session.confirmed_ids.extend(item.ids)
             session.on_delta(delta)
