@@ -123,6 +123,12 @@ class GatewayMetrics:
         self.tokenizer_pool_size = Gauge("tgi_tokenizer_pool_size", "tokenizer processes in the pool", registry=r)
         self.tokenizer_handled = Counter("tgi_tokenizer_messages_handled", "replies from each tokenizer process",
                                          ["tokenizer"], registry=r)
+        # Not in TGIS: the KV block pool (prefix cache hit rate = hit / queried tokens).
+        self.prefix_cache_queried = Counter("tgi_prefix_cache_queried_tokens", "prompt tokens looked up in the "
+                                            "prefix cache", registry=r)
+        self.prefix_cache_hit = Counter("tgi_prefix_cache_hit_tokens", "prompt tokens found in the prefix cache",
+                                        registry=r)
+        self.preemptions = Counter("tgi_kv_preemption", "sequences preempted for lack of KV blocks", registry=r)
 
     # ------------------------------------------------------------------ recording
 
@@ -156,6 +162,14 @@ class GatewayMetrics:
             self.batch_next_tokens.observe(stats.prefill_tokens)
         if stats.concatenated:
             self.batch_concatenation.inc()
+        for counter, value in ((self.queue_jump, stats.queue_jumps),
+                               (self.granular_batch_addition, stats.granular_additions),
+                               (self.prefill_weight_limit_exceeded, stats.prefill_weight_exceeded),
+                               (self.prefix_cache_queried, stats.prefix_queried_tokens),
+                               (self.prefix_cache_hit, stats.prefix_hit_tokens),
+                               (self.preemptions, stats.preemptions)):
+            if value:
+                counter.inc(value)
         self.set_batch_gauges(stats.running, stats.batch_input_tokens, stats.batch_remaining_tokens, stats.queue_size)
 
     def record_step_failure(self, message: str, generations: list[Any]) -> None:
