@@ -26,7 +26,7 @@ from services.common.logs import setup_logging
 from services.common.model_path import DEMO_MODEL
 from services.gateway.tls import tls_files_error
 from services.scheduler.admission import check_settings
-from services.worker.config import quantize_method
+from services.worker.config import quantize_method, quantized_dtype
 
 log = logging.getLogger("launcher")
 
@@ -163,7 +163,7 @@ class Launcher:
         c = self.config
         env = dict(environ)
         settings = {
-            "MODEL_NAME": c.model_name, "REVISION": c.revision, "DTYPE_STR": c.dtype_str or c.dtype,
+            "MODEL_NAME": c.model_name, "REVISION": c.revision, "DTYPE_STR": c.dtype_str or c.dtype or quantized_dtype(c.quantize),
             "QUANTIZE": c.quantize, "QUANTIZE_GROUP_SIZE": c.quantize_group_size,
             "MAX_SEQUENCE_LENGTH": c.max_sequence_length, "MAX_NEW_TOKENS": c.max_new_tokens,
             "MAX_BATCH_SIZE": c.max_batch_size, "MAX_WAITING_TOKENS": c.max_waiting_tokens,

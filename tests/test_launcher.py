@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from services.launcher import LauncherConfig, check_config, resolve_num_shard
+from services.launcher import Launcher, LauncherConfig, check_config, resolve_num_shard
 from tests.pipeline import Pipeline
 
 
@@ -35,6 +35,15 @@ def test_unused_tgis_flags_are_accepted_with_a_warning(caplog):
     check_config(LauncherConfig(quantize="int4", max_prefill_padding=0.5))
     assert "--max-prefill-padding is set to 0.5 but this pipeline does not use it yet" in caplog.text
     assert "--quantize" not in caplog.text
+
+
+@pytest.mark.parametrize(("settings", "dtype"), [({"quantize": "int4"}, "bfloat16"), ({}, None),
+                                                 ({"quantize": "int8", "dtype_str": "float32"}, "float32"),
+                                                 ({"quantize": "none"}, None)])
+def test_quantized_workers_default_to_bfloat16(tmp_path, settings, dtype):
+    env = Launcher(LauncherConfig(ipc_dir=str(tmp_path), **settings), {}).env
+    assert env.get("DTYPE_STR") == dtype
+    assert env.get("QUANTIZE") == settings.get("quantize")
 
 
 @pytest.mark.e2e

@@ -123,22 +123,24 @@ class _Tiny(nn.Module):
         self.lm_head.weight = self.embed.weight  # tied, as in the demo model
 
 
-@pytest.mark.parametrize(("method", "replaced"), [("int8", 6), ("int4", 5)])
+@pytest.mark.parametrize(("method", "replaced"), [("int8", 6), ("int4", 4)])
 def test_quantize_model_replaces_linear_layers_in_place(method: str, replaced: int) -> None:
     model = _Tiny()
     embedding = model.embed.weight.clone()
     assert quantize_model(model, method) == replaced
     kind = Int8Linear if method == "int8" else Int4Linear
     assert isinstance(model.blocks[1][2], kind) and isinstance(model.blocks[0][0], kind)
-    assert isinstance(model.lm_head, kind)
+    assert isinstance(model.lm_head, Int8Linear if method == "int8" else nn.Linear)  # OUTPUT_LAYER_METHOD
     assert isinstance(model.odd, kind if method == "int8" else nn.Linear)
     assert torch.equal(model.embed.weight, embedding)  # a tied head's embedding keeps its float weights
 
 
-def test_quantize_model_keeps_the_named_modules() -> None:
+def test_quantize_model_overrides_the_method_per_module() -> None:
     model = _Tiny()
-    assert quantize_model(model, "int8", keep=("lm_head", "blocks.0.2")) == 4
-    assert type(model.lm_head) is nn.Linear and type(model.blocks[0][2]) is nn.Linear
+    assert quantize_model(model, "int4", overrides={"lm_head": "int8", "blocks.0.2": None, "odd": "int8"}) == 5
+    assert type(model.blocks[0][2]) is nn.Linear
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.odd, Int8Linear)
+    assert isinstance(model.blocks[1][2], Int4Linear)
 
 
 def test_quantize_model_none_leaves_the_model_alone() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -10,6 +11,8 @@ from safetensors import safe_open
 
 from services.worker.model import LlamaForCausalLM, ModelArgs, rope_inv_freq
 from services.worker.quant import DEFAULT_GROUP_SIZE, quantize_model
+
+logger = logging.getLogger(__name__)
 
 
 def _checkpoint_files(folder: Path) -> dict[str, Path]:
@@ -71,5 +74,7 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, rank: int
     # Fused q/k/v and gate/up projections: one GEMM each per layer instead of three and two.
     model.fuse_projections()
     # After sharding: each rank quantizes its own slice (groups stay inside it).
-    quantize_model(model, quantize, group_size)
+    if quantize_model(model, quantize, group_size) and dtype == torch.float32:
+        logger.warning("quantized matmuls run in bfloat16, but the embedding, norms, attention, the layers kept "
+                       "in float and the KV cache stay float32: DTYPE_STR=bfloat16 is faster")
     return model.eval()

@@ -20,6 +20,12 @@ def quantize_method(value: str | None) -> str | None:
     return value.lower()
 
 
+def quantized_dtype(quantize: str | None) -> str | None:
+    """The dtype the launcher gives quantizing workers when none is set: bfloat16, the dtype of the quantized
+    matmuls, so the embedding, attention and KV cache run without float32 round trips."""
+    return "bfloat16" if quantize_method(quantize) else None
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     model_name: str = knob(DEMO_MODEL, "MODEL_NAME", "hub model id (looked up in the local HF cache) or a local folder")

@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 COMPUTE_DTYPE = torch.bfloat16
 DEFAULT_GROUP_SIZE = 32  # best greedy agreement on the demo model (README: weight formats)
+# The output layer (tied to the embedding in the demo model) suffers most from 4 bits: greedy agreement with fp32
+# over 8 prompts x 24 tokens was 0.21 with it in int4, 0.77 in int8, 1.00 left in float (every other layer int4).
+OUTPUT_LAYER_METHOD = {"int8": "int8", "int4": None}
 MIN_GROUP_SIZE = 32
 
 
@@ -125,23 +128,28 @@ def quantized_linear(linear: nn.Linear, method: str, group_size: int = DEFAULT_G
 
 
 def quantize_model(model: nn.Module, method: str | None, group_size: int = DEFAULT_GROUP_SIZE,
-                   keep: tuple[str, ...] = ()) -> int:
-    """Replace every `nn.Linear` of `model` (except the modules named in `keep`) by its `method`
-    counterpart, in place; returns how many were replaced. None or "none" leaves the model as it is."""
+                   overrides: dict[str, str | None] | None = None) -> int:
+    """Replace every `nn.Linear` of `model` by its `method` counterpart, in place; returns how many were replaced.
+
+    `overrides` maps module names to another method (None: keep that module in float); by default `lm_head`
+    follows OUTPUT_LAYER_METHOD. `method` None or "none" leaves the model as it is.
+    """
     method = quantize_method(method)
     if method is None:
         return 0
+    overrides = {"lm_head": OUTPUT_LAYER_METHOD[method]} if overrides is None else overrides
     started = time.monotonic()
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name not in keep]
-    logger.info("Quantizing %d linear layers to %s weights (group size %s)", len(targets), method,
-                group_size if method == "int4" else "-")
+    targets = [(name, module, quantize_method(overrides.get(name, method))) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear)]
+    logger.info("Quantizing %d linear layers to %s weights (group size %s; overrides %s)", len(targets), method,
+                group_size if method == "int4" else "-", overrides or "none")
     replaced = 0
-    for name, linear in targets:
-        new = quantized_linear(linear, method, group_size)
+    for name, linear, chosen in targets:
+        new = None if chosen is None else quantized_linear(linear, chosen, group_size)
         if new is None:
-            logger.warning("%s %s kept unquantized: its shape %s does not fit %s", method, name,
-                           tuple(linear.weight.shape), method)
+            if chosen is not None:
+                logger.warning("%s kept unquantized: its shape %s does not fit %s", name,
+                               tuple(linear.weight.shape), chosen)
             continue
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, new)
