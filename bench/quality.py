@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shlex
 import time
 from pathlib import Path
 
@@ -118,11 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--formats", default="bf16,int8,int4", help=f"comma-separated, of {','.join(FORMATS)}")
     parser.add_argument("--prompts", type=int, default=64, help="prompts (of the 64 shipped)")
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt")
-    parser.add_argument("--launcher-arg", action="append", default=[], help="extra launcher argument (repeatable)")
+    parser.add_argument("--launcher-arg", action="append", default=[],
+                        help="extra launcher arguments, shell-quoted (repeatable), e.g. '--max-batch-size 16'")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     rows = run_quality(args.model, [f.strip() for f in args.formats.split(",") if f.strip()], args.prompts,
-                       args.tokens, args.launcher_arg)
+                       args.tokens, [a for arg in args.launcher_arg for a in shlex.split(arg)])
     print(f"{args.prompts} prompts x {args.tokens} greedy tokens; perplexity over {DATA / 'quality_text.txt'}")
     print(quality_table(rows))
 
