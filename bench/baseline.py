@@ -56,8 +56,9 @@ class Baseline:
             tokens += self._generate([self.token_ids(p) for p in batches[done % len(batches)]], output_tokens)
             elapsed += time.perf_counter() - started
             done += 1
-        return {"batch_size": batch_size, "batches": done, "generated_tokens": tokens, "duration_s": elapsed,
-                "tokens_per_s": tokens / elapsed if elapsed else 0.0}
+        served = sum(len(batches[i % len(batches)]) for i in range(done))
+        return {"batch_size": batch_size, "batches": done, "prompts": served, "generated_tokens": tokens,
+                "duration_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed else 0.0}
 
     def first_token_s(self, prompts: list[Prompt]) -> dict:
         """Time to the first token (a one-token generate(): the prefill) of each prompt alone; the median."""

@@ -71,7 +71,7 @@ def _headline(server: str, scenario: dict) -> list[str]:
 
 def baseline_table(baselines: dict[str, dict]) -> str:
     """The baselines' own figures per case."""
-    rows = [[name, key, str(f.get("prompts", f.get("batches", "-"))), _num(f.get("tokens_per_s")),
+    rows = [[name, key, str(f.get("prompts", "-")), _num(f.get("tokens_per_s")) if f["measure"] == "throughput" else "-",
              _ms(f.get("ttft_s")), _ms(f.get("itl_s"))]
             for name, figures in baselines.items() if "skipped" not in figures for key, f in figures.items()]
     if not rows:
