@@ -206,14 +206,19 @@ def run_servers(args: argparse.Namespace, book: PromptBook) -> list[dict]:
 
 
 def run_quality(args: argparse.Namespace) -> list[dict] | None:
-    """The weight formats' quality figures (bench/quality.py); None when that module is not there."""
+    """The weight formats' quality figures (bench/quality.py); None when they cannot be taken."""
     try:
         from bench.quality import run_quality as measure
     except ImportError as exc:
         log.error("--quality skipped: %s", exc)
         return None
     formats = [f.strip() for f in args.quality.split(",") if f.strip()]
-    return measure(args.model, formats, launcher_args=[a for arg in args.launcher_arg for a in shlex.split(arg)])
+    try:
+        return measure(args.model, formats, launcher_args=[a for arg in args.launcher_arg for a in shlex.split(arg)])
+    except ValueError as exc:
+        # Unknown format names: the figures already taken are still printed.
+        log.error("--quality skipped: %s", exc)
+        return None
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:

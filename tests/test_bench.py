@@ -38,6 +38,8 @@ def test_bench_all_scenarios_two_servers_and_baselines(tiny_model_path, tmp_path
             assert scenario["worker_memory"]["rss_mib"] > 0
         by_name = {s["scenario"]: s for s in server["scenarios"]}
         assert by_name["prefix"]["figures"]["repeat_over_first_ttft"] > 0
+        # The server exports prefix-cache token counters: the share is there (its value is not judged).
+        assert 0 <= by_name["prefix"]["step"]["prefix_hit_share"] <= 1
         assert by_name["interference"]["figures"]["window_s"] > 0
     baselines = results["baselines"]
     for name in ("transformers-fp32", "transformers-bf16"):
