@@ -198,10 +198,19 @@ def run_servers(args: argparse.Namespace, book: PromptBook) -> list[dict]:
                                 host="localhost" if args.tls_ca else "127.0.0.1")
         try:
             server.start(args.launch_timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            # One configuration that cannot start (say, a format this build lacks) leaves the others' figures.
+            log.error("%s: server did not start: %s", name, exc)
+            results.append({"server": name, "launcher_args": argv, "error": str(exc), "log": str(server.log_path),
+                            "scenarios": []})
+            continue
+        try:
             result = asyncio.run(drive_server(name, server.address, args, book, server.pid, server.metrics_url))
         finally:
             server.stop()  # before the next server and the baselines, which then have the machine to themselves
         results.append({**result, "launcher_args": argv})
+    if not any(result["scenarios"] for result in results):
+        raise RuntimeError("no server configuration started")
     return results
 
 

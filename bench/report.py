@@ -35,6 +35,9 @@ def summary_table(servers: list[dict], baselines: dict[str, dict]) -> str:
                *(f"vs {name}" for name in names)]
     rows, notes = [], []
     for server in servers:
+        if server.get("error"):
+            notes.append(f"server {server['server']} did not start: {server['error'].splitlines()[0]} "
+                         f"(log: {server['log']})")
         for scenario in server["scenarios"]:
             for row in scenario["rows"]:
                 itl = row["itl_s"]

@@ -11,9 +11,10 @@ from bench.stats import RequestTiming, summarize_level
 
 
 @pytest.mark.e2e
-def test_bench_all_scenarios_two_servers_and_baselines(tiny_model_path, tmp_path, capsys):
+def test_bench_all_scenarios_several_servers_and_baselines(tiny_model_path, tmp_path, capsys):
     out = tmp_path / "out.json"
     code = main(["--launch", "--model", str(tiny_model_path), "--server", "a:--max-batch-size 4", "--server", "b:",
+                 "--server", "broken:--no-such-flag",
                  "--concurrency", "1,2", "--requests-per-level", "2", "--input-tokens", "8", "--output-tokens", "4",
                  "--prefix-tokens", "32", "--prefix-requests", "2", "--long-tokens", "40", "--long-concurrency", "2",
                  "--interference-tokens", "48", "--interference-streams", "2", "--interference-stream-tokens", "24",
@@ -23,10 +24,13 @@ def test_bench_all_scenarios_two_servers_and_baselines(tiny_model_path, tmp_path
     results = json.loads(out.read_text())
     expected_cases = {"short": ["conc 1", "conc 2"], "prefix": ["first", "repeat"], "long": ["conc 2"],
                       "interference": ["2 streams", "48-token prompt"]}
-    assert [s["server"] for s in results["servers"]] == ["a", "b"]
+    *started, broken = results["servers"]
+    assert [s["server"] for s in started] == ["a", "b"]
+    # A configuration that cannot start is reported, and the others still ran.
+    assert broken["server"] == "broken" and broken["scenarios"] == [] and "launcher exited" in broken["error"]
     # Server b's batch was sized by the bench for the largest scenario: 2 streams + the arriving prompt.
     assert results["servers"][1]["launcher_args"] == ["--max-batch-size", "3"]
-    for server in results["servers"]:
+    for server in started:
         assert {s["scenario"]: [r["case"] for r in s["rows"]] for s in server["scenarios"]} == expected_cases
         for scenario in server["scenarios"]:
             for row in scenario["rows"]:
@@ -50,7 +54,7 @@ def test_bench_all_scenarios_two_servers_and_baselines(tiny_model_path, tmp_path
     assert "skipped" in baselines["llama.cpp"]
     printed = capsys.readouterr().out
     assert "vs transformers-bf16" in printed and "baseline llama.cpp skipped" in printed
-    assert "outside fwd ms" in printed and "repeat / first TTFT" in printed
+    assert "outside fwd ms" in printed and "repeat / first TTFT" in printed and "broken did not start" in printed
 
 
 def test_request_timing_ttft_and_inter_token_latency():
