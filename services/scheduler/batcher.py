@@ -16,6 +16,7 @@ EOS, max tokens); stop sequences are the tokenizer's job.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from services.common.protocol import (
 )
 from services.scheduler.admission import MemoryModel, try_next_batch
 from services.scheduler.blocks import BlockManager, BlockTable, blocks_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -181,6 +184,8 @@ class Batcher:
             victim.computed = 0
             self.waiting.appendleft(victim)
             self.plan.counters["preemptions"] = self.plan.counters.get("preemptions", 0) + 1
+            log.info("no free KV block: preempted %s after %d tokens; it will be recomputed",
+                     victim.request_id, victim.generated)
             if victim is sequence:
                 return False
         return True
