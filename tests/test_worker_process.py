@@ -16,9 +16,9 @@ from services.common.protocol import (
     Heartbeat,
     LogitsParams,
     NewSequence,
+    ScheduledChunk,
     Shutdown,
     Step,
-    StepFailed,
     StepResult,
     Welcome,
     WorkerHello,
@@ -59,7 +59,7 @@ def _start_worker(model: Path, scheduler: FakeScheduler, rank: int = 0) -> subpr
     command = [
         sys.executable, "-m", "services.worker.main", "--model-name", str(model), "--device", "cpu",
         "--max-batch-size", "3", "--step-endpoint", scheduler.step_endpoint,
-        "--result-endpoint", scheduler.result_endpoint, "--heartbeat-interval", "0.1",
+        "--result-endpoint", scheduler.result_endpoint, "--heartbeat-interval", "0.1", "--kv-cache-memory", "64MiB",
     ]
     return subprocess.Popen(command, env=env, cwd=REPO)
 
@@ -77,7 +77,7 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def test_worker_serves_steps_and_survives_a_bad_one(tiny_model_path, scheduler):
+def test_worker_serves_steps_and_fails_a_bad_sequence_alone(tiny_model_path, scheduler):
     proc = _start_worker(tiny_model_path, scheduler)
     try:
         hello = scheduler.expect(WorkerHello)
@@ -88,29 +88,28 @@ def test_worker_serves_steps_and_survives_a_bad_one(tiny_model_path, scheduler):
 
         params = LogitsParams(input_details=True, token_logprobs=True)
         add = [NewSequence("a", token_ids([1, 2, 3]), params), NewSequence("b", token_ids([4, 5]), LogitsParams())]
-        send(scheduler.pub, Step(step_id=1, add=add, remove=[], decode=False))
+        prefill = [ScheduledChunk("a", 0, 3, token_ids([0])), ScheduledChunk("b", 0, 2, token_ids([1]))]
+        send(scheduler.pub, Step(step_id=1, add=add, remove=[], run=prefill))
         result = scheduler.expect(StepResult)
-        assert result.step_id == 1 and result.forward_ns > 0
+        assert result.step_id == 1 and result.forward_ns > 0 and not result.failed
         outputs = {o.request_id: o for o in result.outputs}
         assert sorted(outputs) == ["a", "b"]
         assert [d.token_id for d in outputs["a"].input_details] == [1, 2, 3]
         assert outputs["b"].input_details is None
 
-        send(scheduler.pub, Step(step_id=2, add=[], remove=[], decode=True))
+        decode = [ScheduledChunk("a", 3, 1, token_ids([0])), ScheduledChunk("b", 2, 1, token_ids([1]))]
+        send(scheduler.pub, Step(step_id=2, add=[], remove=[], run=decode))
         assert sorted(o.request_id for o in scheduler.expect(StepResult).outputs) == ["a", "b"]
-        send(scheduler.pub, Step(step_id=3, add=[], remove=["a"], decode=True))
+        send(scheduler.pub, Step(step_id=3, add=[], remove=["a"], run=[ScheduledChunk("b", 3, 1, token_ids([1]))]))
         assert [o.request_id for o in scheduler.expect(StepResult).outputs] == ["b"]
 
+        # A sequence the worker cannot run fails alone, with its own id; the others' step runs.
         too_long = NewSequence("c", token_ids([7] * 300), LogitsParams())
-        send(scheduler.pub, Step(step_id=4, add=[too_long], remove=[], decode=True))
-        failed = scheduler.expect(StepFailed)
-        assert (failed.step_id, failed.rank, failed.out_of_memory) == (4, 0, False)
-        assert "max_sequence_length" in failed.message
-
-        # The failed step dropped the batch; the worker goes on serving new sequences.
-        send(scheduler.pub, Step(step_id=5, add=[NewSequence("d", token_ids([9]), LogitsParams())], remove=[],
-                                 decode=True))
-        assert [o.request_id for o in scheduler.expect(StepResult).outputs] == ["d"]
+        run = [ScheduledChunk("b", 4, 1, token_ids([1])), ScheduledChunk("c", 0, 300, token_ids(range(2, 21)))]
+        send(scheduler.pub, Step(step_id=4, add=[too_long], remove=[], run=run))
+        result = scheduler.expect(StepResult)
+        assert [o.request_id for o in result.outputs] == ["b"]
+        assert list(result.failed) == ["c"] and "max_sequence_length" in result.failed["c"]
         assert scheduler.heartbeats > 0
 
         send(scheduler.pub, Shutdown(reason="test"))
