@@ -35,17 +35,23 @@ class LocalEngine:
 
     def run(self, got: dict[str, list[int]]) -> dict[str, list[int]]:
         """Step until nothing is waiting or running; tokens go into `got`."""
-        while True:
-            step = self.batcher.schedule()
-            if step is None:
-                return got
-            self.steps.append(step)
-            self.counters.update(self.batcher.plan.counters)
-            result = self.engine.step(step)
-            forwarded, failures = self.batcher.complete_step(result.outputs, result.failed)
-            for sequence, message in failures:
-                self.failures[sequence.request_id] = message
-            for sequence, output in forwarded:
-                got.setdefault(sequence.request_id, []).extend(t.token_id for t in output.tokens)
-                if output.stop_reason != StopReason.NOT_FINISHED:
-                    self.stop_reasons[sequence.request_id] = output.stop_reason
+        while self.step_once(got):
+            pass
+        return got
+
+    def step_once(self, got: dict[str, list[int]]) -> bool:
+        """Schedule and run one step (False when there is nothing to do); tokens go into `got`."""
+        step = self.batcher.schedule()
+        if step is None:
+            return False
+        self.steps.append(step)
+        self.counters.update(self.batcher.plan.counters)
+        result = self.engine.step(step)
+        forwarded, failures = self.batcher.complete_step(result.outputs, result.failed)
+        for sequence, message in failures:
+            self.failures[sequence.request_id] = message
+        for sequence, output in forwarded:
+            got.setdefault(sequence.request_id, []).extend(t.token_id for t in output.tokens)
+            if output.stop_reason != StopReason.NOT_FINISHED:
+                self.stop_reasons[sequence.request_id] = output.stop_reason
+        return True

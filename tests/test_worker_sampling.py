@@ -14,10 +14,11 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from services.common.protocol import LogitsParams, NewSequence, Step, token_ids
+from services.common.protocol import GenerateRequest, LogitsParams, StopParams, token_ids
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 from services.worker.sampling import BatchParams, choose, input_details, make_generator, process, token_detail
+from tests.local_engine import LocalEngine
 
 CPU = torch.device("cpu")
 VOCAB = 500
@@ -128,20 +129,23 @@ def test_sampling_never_picks_filtered_tokens():
 
 
 def test_engine_seeded_request_is_batch_invariant(tiny_model_path):
-    engine = Engine(WorkerConfig(model_name=str(tiny_model_path), device="cpu", max_batch_size=3))
-    mine = NewSequence("mine", token_ids([5, 6, 7]), LogitsParams(temperature=1.0, top_k=20, seed=42))
+    engine = Engine(WorkerConfig(model_name=str(tiny_model_path), device="cpu", kv_cache_memory="64MiB"))
+    mine = LogitsParams(temperature=1.0, top_k=20, seed=42)
 
-    def run(steps: list[Step]) -> list[int]:
-        engine.reset()
-        return [o.token.token_id for step in steps for o in engine.step(step).outputs if o.request_id == "mine"]
+    def request(rid: str, ids: list[int], params: LogitsParams, max_new: int) -> GenerateRequest:
+        return GenerateRequest(rid, token_ids(ids), params, StopParams(max_new, max_new), 0.0)
 
-    alone = run([Step(0, [mine], [], False)] + [Step(i, [], [], True) for i in range(1, 10)])
-    other = NewSequence("other", token_ids([9, 9, 9, 9]), LogitsParams(temperature=0.7, seed=1))
-    greedy = NewSequence("greedy", token_ids([1]), LogitsParams())
-    crowded = [Step(0, [other], [], False), Step(1, [greedy, mine], [], True), Step(2, [], [], True),
-               Step(3, [], ["other"], True)] + [Step(i, [], [], True) for i in range(4, 10)]
-    joined_later = run(crowded)
-    assert joined_later == alone[: len(joined_later)]
+    engine.reset()
+    local = LocalEngine(engine)
+    local.batcher.submit(b"t", [request("mine", [5, 6, 7], mine, 9)])
+    alone = local.run({})["mine"]
+    engine.reset()
+    crowded = LocalEngine(engine, max_waiting_tokens=1)
+    crowded.batcher.submit(b"t", [request("other", [9, 9, 9, 9], LogitsParams(temperature=0.7, seed=1), 3)])
+    got: dict[str, list[int]] = {}
+    crowded.step_once(got)  # "other" starts alone; "mine" and a greedy one join later
+    crowded.batcher.submit(b"t", [request("greedy", [1], LogitsParams(), 9), request("mine", [5, 6, 7], mine, 9)])
+    assert crowded.run(got)["mine"] == alone
 
 
 def _details_params(**kwargs) -> LogitsParams:

@@ -34,7 +34,15 @@ from services.worker.checkpoint import load_model
 from services.worker.config import WorkerConfig
 from services.worker.kv_cache import PagedKVCache, budget_bytes
 from services.worker.paged_attention import PagedBatch
-from services.worker.sampling import BatchParams, choose, input_details, make_generator, process, token_detail
+from services.worker.sampling import (
+    BatchParams,
+    choose,
+    input_details,
+    is_plain_greedy,
+    make_generator,
+    process,
+    token_detail,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -253,15 +261,19 @@ class Engine:
         seqs = [p.sequence for p, _, _ in sampling]
         params = [seq.params for seq in seqs]
         last = torch.tensor([last for _, _, last in sampling], device=self.device)
-        batch = BatchParams.build(params, self.device)
-        generated = torch.tensor([seq.generated for seq in seqs], device=self.device)
-        seen = None
-        if batch.any(lambda p: p.repetition_penalty != 1.0):
-            no_ids = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-            seen = torch.stack([no_ids if seq.seen is None else seq.seen for seq in seqs])
         # Indexing copies the rows, so processing them in place leaves the raw logits to input details.
-        scores = process(logits[last], batch, generated, seen, self.eos_id, self.pad_id)
-        tokens = choose(scores, batch, [seq.generator for seq in seqs])
+        scores = logits[last]
+        if all(is_plain_greedy(p) for p in params):  # nothing to process: the argmax is the token
+            tokens = scores.argmax(dim=-1)
+        else:
+            batch = BatchParams.build(params, self.device)
+            generated = torch.tensor([seq.generated for seq in seqs], device=self.device)
+            seen = None
+            if batch.any(lambda p: p.repetition_penalty != 1.0):
+                no_ids = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+                seen = torch.stack([no_ids if seq.seen is None else seq.seen for seq in seqs])
+            scores = process(scores, batch, generated, seen, self.eos_id, self.pad_id)
+            tokens = choose(scores, batch, [seq.generator for seq in seqs])
         outputs = []
         for i, ((p, first, last_row), token) in enumerate(zip(sampling, tokens.tolist(), strict=True)):
             seq = p.sequence

@@ -28,6 +28,11 @@ def make_generator(params: LogitsParams, device: torch.device) -> torch.Generato
     return torch.Generator(device=device).manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
 
 
+def is_plain_greedy(p: LogitsParams) -> bool:
+    """Greedy with no processor that changes scores: the token is the raw argmax."""
+    return not p.sampling and p.repetition_penalty == 1.0 and p.min_new_tokens == 0 and p.length_penalty_decay == 0
+
+
 def _typical_on(p: LogitsParams) -> bool:
     return p.sampling and 0.0 < p.typical_p < 1.0
 
