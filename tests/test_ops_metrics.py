@@ -42,6 +42,9 @@ COUNTERS = {
     "tgi_tokenize_request_input_count": set(),
     # This pipeline's own.
     "tgi_tokenizer_messages_handled": {"tokenizer"},
+    "tgi_prefix_cache_queried_tokens": set(),
+    "tgi_prefix_cache_hit_tokens": set(),
+    "tgi_kv_preemption": set(),
 }
 HISTOGRAMS = {
     "tgi_request_raw_input_length": set(),

@@ -93,6 +93,9 @@ class TokenizerPool:
         self.heartbeat_timeout = heartbeat_timeout
         self.join_timeout = join_timeout
         self.members: dict[bytes, Member] = {}
+        # Members dropped for a missed heartbeat (a busy machine, a long pause): they said hello on this
+        # connection once, so a later heartbeat from the same identity brings them back.
+        self.lapsed: dict[bytes, str] = {}
         self.jobs: dict[int, Job] = {}
         self.sessions: dict[str, Session] = {}
         self._job_ids = itertools.count(1)
@@ -103,6 +106,7 @@ class TokenizerPool:
     # ------------------------------------------------------------------ membership
 
     def _join(self, identity: bytes, name: str) -> None:
+        self.lapsed.pop(identity, None)
         self.members[identity] = Member(identity, name, time.monotonic())
         log.info("tokenizer %s joined the pool (%d member(s))", name, len(self.members))
         self._joined.set()
@@ -113,6 +117,8 @@ class TokenizerPool:
         member = self.members.pop(identity, None)
         if member is None:
             return
+        if why.startswith("no heartbeat"):
+            self.lapsed[identity] = member.name
         log.warning("tokenizer %s left the pool (%s); moving %d job(s) and %d session(s)",
                     member.name, why, len(member.jobs), len(member.sessions))
         if not self.members:
@@ -254,14 +260,18 @@ class TokenizerPool:
 
     def _dispatch(self, identity: bytes, message: object) -> None:
         if isinstance(message, TokenizerGoodbye):
+            self.lapsed.pop(identity, None)
             self._leave(identity, "said goodbye")
             return
         member = self.members.get(identity)
         if member is None:
-            if not isinstance(message, TokenizerHello):
+            if isinstance(message, Heartbeat) and identity in self.lapsed:
+                self._join(identity, self.lapsed[identity])
+            elif not isinstance(message, TokenizerHello):
                 log.warning("ignoring a %s from a peer that never joined the pool", type(message).__name__)
                 return
-            self._join(identity, message.name)
+            else:
+                self._join(identity, message.name)
             member = self.members[identity]
         member.last_seen = time.monotonic()
         if isinstance(message, TokenizeResult):
