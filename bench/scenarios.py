@@ -94,7 +94,7 @@ class ScenarioRunner:
             count = requests_for(self.args, concurrency)
             prompts = await self.book.get(f"short-{concurrency}", lambda n=count or 4 * concurrency: self.factory.build(n))
             queue = PromptQueue(self.factory, prompts, refill=4 * concurrency)
-            self.log(f"short: concurrency {concurrency}, {count or str(self.args.duration) + ' s'} requests")
+            self.log(f"short: concurrency {concurrency}, " + (f"{count} requests" if count else f"{self.args.duration} s"))
             run = await run_level(self.stub, queue, concurrency, self.args.output_tokens, count, self.args.duration,
                                   self.args.request_timeout)
             rows.append({"case": f"conc {concurrency}", **run.summary()})
