@@ -180,6 +180,8 @@ class Launcher:
             "SCHEDULER_ENDPOINT": self._endpoint("scheduler"), "TOKENIZER_ENDPOINT": self._endpoint("tokenizers"),
             "WORKER_STEP_ENDPOINT": self._endpoint("steps"), "WORKER_RESULT_ENDPOINT": self._endpoint("results"),
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            # One port per container in Kubernetes; here every child would try to bind the same one.
+            "HEALTH_PORT": None,
         }
         for key, value in settings.items():
             if value is None:

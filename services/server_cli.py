@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from services.common.logs import setup_logging
 from services.common.model_path import DEMO_MODEL, resolve_model_path
+from services.common.model_wait import wait_for_model
 from services.worker import demo_model, weights
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", type=Path, help="HF hub cache to install into (default: the HF_HUB_CACHE rules)")
     demo.add_argument("--force", action="store_true", help="rebuild even when already installed")
     demo.set_defaults(handler=_install_demo_model)
+
+    wait = commands.add_parser("wait-for-model", help="wait until a model's config and weights are in the HF cache")
+    wait.add_argument("model_name", metavar="MODEL", nargs="?", default=os.environ.get("MODEL_NAME") or DEMO_MODEL,
+                      help="model id in the local HF cache, or a local folder [env MODEL_NAME]")
+    wait.add_argument("--revision", default=os.environ.get("REVISION") or None, help="revision [env REVISION]")
+    wait.add_argument("--interval", type=float, default=_env_float("MODEL_WAIT_INTERVAL_S", 10.0),
+                      help="seconds between looks (default: 10) [env MODEL_WAIT_INTERVAL_S]")
+    wait.add_argument("--timeout", type=float, default=_env_float("MODEL_WAIT_TIMEOUT_S", 0.0),
+                      help="give up (exit 1) after this many seconds; 0 waits for ever (default: 0) [env MODEL_WAIT_TIMEOUT_S]")
+    wait.set_defaults(handler=_wait_for_model)
     return parser
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name) or default)
+    except ValueError:
+        raise SystemExit(f"invalid value for {name}: {os.environ[name]!r}") from None
 
 
 def _download_weights(args: argparse.Namespace) -> int:
@@ -62,6 +81,11 @@ def _convert_to_safetensors(args: argparse.Namespace) -> int:
 
 def _install_demo_model(args: argparse.Namespace) -> int:
     print(demo_model.install_demo_model(cache_dir=args.cache_dir, force=args.force))
+    return 0
+
+
+def _wait_for_model(args: argparse.Namespace) -> int:
+    print(wait_for_model(args.model_name, args.revision, args.interval, args.timeout))
     return 0
 
 

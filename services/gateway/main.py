@@ -1,8 +1,10 @@
 """The gateway process: gRPC server (8033), HTTP /health and /metrics (3000), pipeline sockets.
 
-Start-up: bind the tokenizer pool socket, connect to the scheduler, wait for
-the model info, then serve.  SIGTERM drains: health turns 503, new calls get
-UNAVAILABLE, in-flight calls get `drain_grace_period` seconds to finish.
+Start-up: bind the tokenizer pool socket, connect to the scheduler, open the
+HTTP port (`/live` at once; `/health` 503 and `/metrics` empty until the model
+info arrives), wait for the model info, then serve gRPC.  SIGTERM drains:
+health turns 503, new calls get UNAVAILABLE, in-flight calls get
+`drain_grace_period` seconds to finish.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class Gateway:
         self.scheduler = SchedulerClient(self.ctx, config.scheduler_endpoint, make_gateway_id(), self.pool)
         self.health_servicer = GrpcHealthServicer()
         self.servicer: GenerationServicer | None = None
+        self.health: HealthChecker | None = None
+        self.metrics: GatewayMetrics | None = None
         self.stop_requested = asyncio.Event()
 
     async def run(self) -> None:
@@ -83,6 +87,7 @@ class Gateway:
         for name, task in self.loops.items():
             task.add_done_callback(lambda done, name=name: self._loop_ended(name, done))
         tasks = list(self.loops.values())
+        runner = await self._start_http()
         log.info("waiting for the scheduler at %s (tokenizers join at %s)", self.config.scheduler_endpoint,
                  self.config.tokenizer_endpoint)
         ready = asyncio.create_task(self.scheduler.ready.wait())
@@ -92,6 +97,7 @@ class Gateway:
             log.info("stopped before the pipeline was ready")
             for task in [*tasks, ready]:
                 task.cancel()
+            await runner.cleanup()
             self.ctx.destroy(linger=0)
             return
         model = self.scheduler.info.model
@@ -117,7 +123,6 @@ class Gateway:
         self.pool.on_membership_change()
 
         server = await self._start_grpc()
-        runner = await self._start_http()
         await self.stop_requested.wait()
         await self._drain(server)
         await runner.cleanup()
@@ -155,6 +160,7 @@ class Gateway:
 
     async def _start_http(self) -> web.AppRunner:
         app = web.Application()
+        app.router.add_get("/live", self._live)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         runner = web.AppRunner(app, access_log=None)
@@ -163,14 +169,28 @@ class Gateway:
         log.info("HTTP /health and /metrics on %s:%d", self.config.host, self.config.port)
         return runner
 
+    async def _live(self, _request: web.Request) -> web.Response:
+        """The process serves: 200 whatever the other services do (and while draining); 503 if a loop of ours died."""
+        if dead := self._dead_loop():
+            return self._unhealthy(f"the gateway's {dead} loop stopped")
+        return web.Response(status=200)
+
     async def _health(self, _request: web.Request) -> web.Response:
+        if self.health is None:
+            return self._unhealthy("model not loaded")
         ok, reason = await self.health.check()
         if ok:
             return web.Response(status=200)
+        return self._unhealthy(reason)
+
+    @staticmethod
+    def _unhealthy(reason: str) -> web.Response:
         return web.Response(status=503, text=json.dumps({"error": reason}), content_type="application/json")
 
     async def _metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        # The histograms' buckets come from the model's limits: nothing to show before they are known.
+        body = self.metrics.render() if self.metrics is not None else b""
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def _drain(self, server: grpc.aio.Server) -> None:
         grace = self.config.drain_grace_period

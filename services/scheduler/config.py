@@ -22,6 +22,8 @@ class SchedulerConfig:
     result_endpoint: str = knob("tcp://127.0.0.1:5562", "WORKER_RESULT_ENDPOINT", "ROUTER socket for worker results (bind)")
     worker_timeout: float = knob(30.0, "WORKER_TIMEOUT_S", "seconds without a heartbeat after which a worker rank is declared lost")
     step_timeout: float = knob(120.0, "STEP_TIMEOUT_S", "seconds a step may go without a result before the worker group is declared lost")
+    health_port: int = knob(0, "HEALTH_PORT", "HTTP port for /live and /ready probes (0: none)")
+    health_stall_timeout: float = knob(30.0, "HEALTH_STALL_TIMEOUT_S", "seconds without a turn of the scheduling loop before /live fails")
 
     def __post_init__(self) -> None:
         check_settings(self.estimate_memory, self.batch_safety_margin)  # at start-up, not when the workers are ready

@@ -20,6 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from services.common.codec import ProtocolError
 from services.common.config import parse_config
+from services.common.health import Health, serve_health
 from services.common.logs import setup_logging
 from services.common.protocol import (
     Cancel,
@@ -75,6 +76,9 @@ class SchedulerProcess:
         self.batcher: Batcher | None = None
         self.in_flight: tuple[Step, float] | None = None
         self.stopping = False
+        # Ready once its sockets are bound: gateways and workers reach it through its Service, so its
+        # readiness must not wait for the workers (they could never connect).
+        self.health = Health(config.health_stall_timeout)
 
     # ------------------------------------------------------------------ worker group
 
@@ -296,7 +300,9 @@ class SchedulerProcess:
         log.info("scheduler up: gateways on %s, steps on %s, results on %s; waiting for %d worker rank(s)",
                  self.config.gateway_endpoint, self.config.step_endpoint, self.config.result_endpoint,
                  self.config.num_shard)
+        self.health.ready()
         while not self.stopping:
+            self.health.turn()
             busy = self.batcher is not None and self.in_flight is None and self.workers_ready and (
                 self.batcher.waiting or self.batcher.running or self.batcher.to_remove)
             self._receive(0 if busy else 50)
@@ -323,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("scheduler")
     config = parse_config(SchedulerConfig, argv, "Queue and continuous batching for the worker ranks.")
     process = SchedulerProcess(config)
+    serve_health(process.health, config.health_port)
 
     def stop(signum, _frame) -> None:
         log.info("received signal %d, stopping", signum)

@@ -15,3 +15,5 @@ class TokenizerConfig:
     gateway_endpoint: str = knob("tcp://127.0.0.1:5570", "TOKENIZER_ENDPOINT", "gateway's ROUTER socket for the tokenizer pool (connect)")
     name: str = knob("", "TOKENIZER_NAME", "name in logs and metrics (default: host-pid)")
     heartbeat_interval: float = knob(1.0, "TOKENIZER_HEARTBEAT_INTERVAL", "seconds between heartbeats to the gateway")
+    health_port: int = knob(0, "HEALTH_PORT", "HTTP port for /live and /ready probes (0: none)")
+    health_stall_timeout: float = knob(30.0, "HEALTH_STALL_TIMEOUT_S", "seconds without a turn of the socket loop before /live fails")

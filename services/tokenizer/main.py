@@ -26,6 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from services.common.codec import ProtocolError, decode, encode
 from services.common.config import parse_config
+from services.common.health import Health, serve_health
 from services.common.logs import setup_logging
 from services.common.model_path import resolve_model_path
 from services.common.protocol import (
@@ -188,7 +189,7 @@ class _Stopper:
         self.stopping = True
 
 
-def serve(config: TokenizerConfig, name: str, service: TokenizerService, stopper: _Stopper) -> None:
+def serve(config: TokenizerConfig, name: str, service: TokenizerService, stopper: _Stopper, health: Health) -> None:
     """Join the gateway's pool (again after each reconnection) and answer its messages until a signal asks to stop."""
     ctx = zmq.Context()
     sock = make_socket(ctx, zmq.DEALER, connect=config.gateway_endpoint)
@@ -202,8 +203,10 @@ def serve(config: TokenizerConfig, name: str, service: TokenizerService, stopper
     for polled in (sock, replies, connections, stopper.wake):
         poller.register(polled, zmq.POLLIN)
     next_heartbeat = time.monotonic() + config.heartbeat_interval
+    health.ready()
     try:
         while not stopper.stopping:
+            health.turn()  # the poll below waits at most one heartbeat interval
             timeout_ms = max(0.0, next_heartbeat - time.monotonic()) * 1000
             events = dict(poller.poll(timeout_ms))
             if stopper.wake in events:
@@ -257,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(TokenizerConfig, argv, "Tokenizer process of the TGIS-compatible pipeline")
     stopper = _Stopper()
     name = config.name or f"{socket.gethostname()}-{os.getpid()}"
+    health = Health(config.health_stall_timeout)
+    health.not_ready("loading the tokenizer")
+    serve_health(health, config.health_port)
     try:
         model_dir = resolve_model_path(config.model_name, config.revision)
         tokenizer = load_tokenizer(model_dir)
@@ -265,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("Cannot load the tokenizer of %s: %s", config.model_name, exc)
         return 1
     if not stopper.stopping:
-        serve(config, name, TokenizerService(tokenizer, decoder), stopper)
+        serve(config, name, TokenizerService(tokenizer, decoder), stopper, health)
     return 0
 
 

@@ -46,3 +46,5 @@ class WorkerConfig:
     step_endpoint: str = knob("tcp://127.0.0.1:5561", "WORKER_STEP_ENDPOINT", "scheduler's PUB socket for steps (connect)")
     result_endpoint: str = knob("tcp://127.0.0.1:5562", "WORKER_RESULT_ENDPOINT", "scheduler's ROUTER socket for results (connect)")
     heartbeat_interval: float = knob(1.0, "WORKER_HEARTBEAT_INTERVAL", "seconds between heartbeats to the scheduler")
+    health_port: int = knob(0, "HEALTH_PORT", "HTTP port for /live and /ready probes (0: none)")
+    health_stall_timeout: float = knob(600.0, "HEALTH_STALL_TIMEOUT_S", "seconds one step may run before /live fails (a rank stuck in a forward pass or collective)")

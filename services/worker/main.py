@@ -22,6 +22,7 @@ import zmq
 
 from services.common.codec import ProtocolError
 from services.common.config import parse_config
+from services.common.health import Health, serve_health
 from services.common.logs import setup_logging
 from services.common.protocol import Heartbeat, Shutdown, Step, StepFailed, Welcome, WorkerHello, WorkerReady
 from services.common.zmq_io import make_socket, recv, send
@@ -126,7 +127,7 @@ def _step_gap(expected: int | None, step_id: int) -> str | None:
     return f"missed step(s) {expected}..{step_id - 1}" if step_id > expected else f"step {step_id} after {expected - 1}"
 
 
-def serve(config: WorkerConfig, engine: Engine, steps: zmq.Socket, results: zmq.Socket) -> None:
+def serve(config: WorkerConfig, engine: Engine, steps: zmq.Socket, results: zmq.Socket, health: Health) -> None:
     """Apply steps until Shutdown; a failed (or out-of-order) step drops the batch, is reported, and serving goes on."""
     expected: int | None = None
     while True:
@@ -142,6 +143,7 @@ def serve(config: WorkerConfig, engine: Engine, steps: zmq.Socket, results: zmq.
             engine.reset()
             send(results, StepFailed(step_id=message.step_id, rank=config.rank, message=f"worker rank {config.rank} {gap}"))
             continue
+        health.turn()  # a step that never returns fails /live after HEALTH_STALL_TIMEOUT_S
         try:
             result = engine.step(message)
         except Exception as exc:
@@ -150,6 +152,8 @@ def serve(config: WorkerConfig, engine: Engine, steps: zmq.Socket, results: zmq.
             send(results, StepFailed(step_id=message.step_id, rank=config.rank, message=str(exc) or repr(exc),
                                      out_of_memory=isinstance(exc, torch.OutOfMemoryError)))
             continue
+        finally:
+            health.rest()
         if config.rank == 0:
             send(results, result)
 
@@ -159,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(f"worker-{config.rank}")
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    health = Health(config.health_stall_timeout)
+    health.not_ready("waiting for the scheduler's welcome")
+    serve_health(health, config.health_port)
     ctx = zmq.Context()
     heartbeat: HeartbeatThread | None = None
     try:
@@ -170,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat = HeartbeatThread(ctx, config.result_endpoint, WorkerHello(config.rank, config.world_size),
                                     config.heartbeat_interval)
         heartbeat.start()
+        health.not_ready("loading the model")
         if config.world_size > 1:
             init_distributed(config)
         started = time.monotonic()
@@ -180,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                     info.max_sequence_length, info.max_batch_size)
         send(results, WorkerReady(rank=config.rank, model=info, num_blocks=engine.cache.num_blocks,
                                   block_size=engine.cache.block_size))
-        serve(config, engine, steps, results)
+        health.ready()
+        serve(config, engine, steps, results, health)
         return 0
     except Interrupted as signal_name:
         logger.info("%s received, exiting", signal_name)
