@@ -339,3 +339,15 @@ def test_step_failures_and_queue_timeouts_are_counted_as_tgis_does():
     assert s.get("tgi_batch_inference_count") == 3 and s.get("tgi_batch_inference_success") == 0
     assert s.get("tgi_request_failure", err="timeout") == 1
     NullMetrics().request_failure.labels("x").inc()  # records nothing, raises nothing
+
+
+def test_the_grafana_dashboard_queries_only_exported_series(traffic):
+    """k8s/monitoring/grafana-dashboard.json against this live scrape: no panel queries a series that isn't there."""
+    import json
+    from pathlib import Path
+
+    from tests.dashboard import dashboard_metrics, exposition_names
+
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "k8s/monitoring/grafana-dashboard.json").read_text())
+    missing = dashboard_metrics(dashboard) - exposition_names(traffic.text)
+    assert not missing, sorted(missing)
