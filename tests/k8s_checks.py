@@ -188,7 +188,7 @@ def check_network_policies(docs: list[Doc]) -> list[str]:
         ports = container_ports(pod)
         opened = {p["port"] for policy in covering for rule in policy["spec"].get("ingress", []) for p in rule["ports"]}
         problems += [f"Deployment {deployment['metadata']['name']}: policy port {p} is on no container"
-                     for p in opened if isinstance(p, str) and p not in ports]
+                     for p in opened if p not in ports]
     return problems
 
 
