@@ -16,7 +16,7 @@ from services.worker.config import WorkerConfig
 from services.worker.engine import Engine, model_max_length, resolve_dtype
 from services.worker.kv_cache import PagedKVCache
 from services.worker.model import ModelArgs, rope_inv_freq
-from services.worker.paged_attention import PagedBatch
+from services.worker.paged_attention import PagedBatch, forward_context
 from tests.conftest import build_tiny_llama
 from tests.local_engine import LocalEngine
 
@@ -36,7 +36,8 @@ def _forward(model, cache: PagedKVCache, runs: list[tuple[list[int], int, int]],
     ids = [t for tokens, start, count in runs for t in tokens[start: start + count]]
     positions = [p for _, start, count in runs for p in range(start, start + count)]
     batch = PagedBatch.build(cache.block_size, tables, [r[1] for r in runs], [r[2] for r in runs], CPU)
-    return model.logits(model(torch.tensor(ids), torch.tensor(positions), batch, cache))
+    with forward_context(batch, cache):
+        return model.logits(model(torch.tensor(ids), torch.tensor(positions)))
 
 
 def _prefill(model, ids: list[int], blocks: int = 16) -> torch.Tensor:

@@ -77,4 +77,4 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, rank: int
     if quantize_model(model, quantize, group_size) and dtype == torch.float32:
         logger.warning("quantized matmuls run in bfloat16, but the embedding, norms, attention, the layers kept "
                        "in float and the KV cache stay float32: DTYPE_STR=bfloat16 is faster")
-    return model.eval()
+    return model.eval().requires_grad_(False)

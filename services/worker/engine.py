@@ -33,7 +33,7 @@ from services.common.protocol import (
 from services.worker.checkpoint import load_model
 from services.worker.config import WorkerConfig
 from services.worker.kv_cache import PagedKVCache, budget_bytes
-from services.worker.paged_attention import PagedBatch
+from services.worker.paged_attention import PagedBatch, forward_context
 from services.worker.sampling import (
     BatchParams,
     choose,
@@ -241,8 +241,8 @@ class Engine:
             positions.extend(range(p.chunk.start, p.chunk.start + p.chunk.count))
         batch = PagedBatch.build(self.cache.block_size, [list(p.chunk.block_table) for p in planned],
                                  [p.chunk.start for p in planned], [p.chunk.count for p in planned], self.device)
-        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                            batch, self.cache)
+        with forward_context(batch, self.cache):
+            hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device))
         # Logits only where needed: the last token of each sampling chunk, every token of one wanting input details.
         rows, row, sampling = [], 0, []
         for p in planned:

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.worker.kv_cache import PagedKVCache
-from services.worker.paged_attention import PagedBatch, paged_attention
+from services.worker.paged_attention import attend
 
 
 @dataclass(frozen=True)
@@ -138,8 +137,7 @@ class Attention(nn.Module):
         self.qkv_proj = _fuse([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PagedBatch,
-                cache: PagedKVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -148,7 +146,7 @@ class Attention(nn.Module):
         v = v.view(t, self.kv_heads, self.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        out = paged_attention(q, k, v, cache.k[self.layer], cache.v[self.layer], batch)
+        out = attend(q, k, v, self.layer)
         out = self.o_proj(out.reshape(t, q_size))
         return _reduce(out, self.o_bias, self.world_size, self.group)
 
@@ -189,9 +187,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PagedBatch,
-                cache: PagedKVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -226,19 +223,19 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
 
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch,
-                cache: PagedKVCache) -> torch.Tensor:
-        """Packed input_ids/positions [T] -> final hidden states [T, hidden]; K/V go into `cache`."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Packed input_ids/positions [T] -> final hidden states [T, hidden].
+
+        Run inside `paged_attention.forward_context`: K/V go into its cache, at its batch's slots.
+        """
         x = self.model.embed_tokens(input_ids)
         freqs = positions[:, None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, batch, cache)
+            x = layer(x, cos, sin)
         return self.model.norm(x)
 
-    @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] of hidden states [N, hidden]."""
         return self.lm_head(hidden).float()

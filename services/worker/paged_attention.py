@@ -10,14 +10,26 @@ decode tokens in one batched call over their gathered blocks (padded to the
 longest table, masked by length), each prefill chunk on its own, over its
 own K/V when it starts the sequence (plain causal attention), else over its
 gathered blocks with a causal mask shifted by the chunk's start.
+
+Models reach it through `attend(q, k, v, layer)`: the step's `PagedBatch`
+and the cache come from `forward_context`, set by the engine around the
+forward pass (as vLLM does), so a model's forward takes only tensors and
+`torch.compile` sees attention as one opaque op (`tgis::paged_attention`)
+while everything around it is traced.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from services.worker.kv_cache import PagedKVCache
 
 
 @dataclass
@@ -101,3 +113,43 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             result = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
         out[rows] = result[0].transpose(0, 1)
     return out
+
+
+_context: tuple[PagedBatch, PagedKVCache] | None = None
+
+
+@contextmanager
+def forward_context(batch: PagedBatch, cache: PagedKVCache) -> Iterator[None]:
+    """Make `batch` and `cache` the ones `attend` uses during one forward pass."""
+    global _context
+    previous, _context = _context, (batch, cache)
+    try:
+        yield
+    finally:
+        _context = previous
+
+
+def _attend_in_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    if _context is None:
+        raise RuntimeError("attend() called outside forward_context()")
+    batch, cache = _context
+    return paged_attention(q, k, v, cache.k[layer], cache.v[layer], batch)
+
+
+@torch.library.custom_op("tgis::paged_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    # Writes the cache of the forward context as a side effect: the cache is no input of a compiled graph, and
+    # each layer's call depends on the previous layer's output, so the compiler can neither drop nor reorder it.
+    return _attend_in_context(q, k, v, layer)
+
+
+@_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    """Paged attention of `layer` for the current forward context's batch: q [T, heads, d], k/v [T, kv_heads, d]."""
+    if torch.compiler.is_compiling():
+        return _attention_op(q, k, v, layer)
+    return _attend_in_context(q, k, v, layer)  # eager: skip the op dispatcher's overhead
