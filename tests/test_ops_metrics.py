@@ -45,6 +45,7 @@ COUNTERS = {
     "tgi_prefix_cache_queried_tokens": set(),
     "tgi_prefix_cache_hit_tokens": set(),
     "tgi_kv_preemption": set(),
+    "tgi_replica_request_count": {"replica"},
 }
 HISTOGRAMS = {
     "tgi_request_raw_input_length": set(),
@@ -69,7 +70,7 @@ HISTOGRAMS = {
     "tgi_request_inter_token_latency_duration": set(),
 }
 GAUGES = {"tgi_batch_current_size", "tgi_batch_input_tokens", "tgi_batch_max_remaining_tokens", "tgi_queue_size",
-          "tgi_tokenizer_pool_size"}
+          "tgi_tokenizer_pool_size", "tgi_replica_queue_size", "tgi_replica_batch_size", "tgi_replica_ready"}
 
 
 class Scrape:

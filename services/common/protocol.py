@@ -247,6 +247,9 @@ class RequestFailed(Wire):
     KIND: ClassVar[MessageKind] = MessageKind.REQUEST_FAILED
     request_ids: list[str]
     message: str
+    # The replica lost (or has no) worker group, so the requests never ran to an end there: a gateway may re-send
+    # those that produced no token yet to another replica. False: the request itself failed (stays failed).
+    retryable: bool = False
 
 
 class Ping(Wire):

@@ -2,7 +2,8 @@
 
 ROUTER sockets carry the peer identity as an extra first frame; these helpers
 hide it behind `(identity, message)` pairs.  The async variants work on
-`zmq.asyncio` sockets.
+`zmq.asyncio` sockets.  Every socket gets the link settings of `links.py`
+(heartbeats, CurveZMQ) before it binds or connects.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from services.common import links
 from services.common.codec import decode, encode
 
 _log = logging.getLogger(__name__)
@@ -25,6 +27,7 @@ def make_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None, connect
     if kind == zmq.ROUTER:
         # Report unroutable peers instead of silently dropping their replies.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    links.prepare(sock, bind=bind, connect=connect)
     if bind:
         sock.bind(bind)
     if connect:

@@ -18,7 +18,7 @@ class GatewayConfig:
     tls_cert_path: str | None = knob(None, "TLS_CERT_PATH", "server certificate (PEM) for gRPC TLS")
     tls_key_path: str | None = knob(None, "TLS_KEY_PATH", "server private key (PEM) for gRPC TLS")
     tls_client_ca_cert_path: str | None = knob(None, "TLS_CLIENT_CA_CERT_PATH", "CA (PEM) that client certificates must be signed by (mTLS)")
-    scheduler_endpoint: str = knob("tcp://127.0.0.1:5550", "SCHEDULER_ENDPOINT", "scheduler's ROUTER socket (connect)")
+    scheduler_endpoint: str = knob("tcp://127.0.0.1:5550", "SCHEDULER_ENDPOINT", "the schedulers of the model replicas, comma-separated (connect to each; a host name stands for every address it resolves to)")
     tokenizer_endpoint: str = knob("tcp://127.0.0.1:5570", "TOKENIZER_ENDPOINT", "ROUTER socket the tokenizer pool joins (bind)")
     tokenizer_heartbeat_timeout: float = knob(3.0, "TOKENIZER_HEARTBEAT_TIMEOUT_S", "seconds without a heartbeat before a tokenizer is dropped from the pool")
     tokenizer_wait_timeout: float = knob(30.0, "TOKENIZER_WAIT_TIMEOUT_S", "seconds a request waits for a tokenizer to join an empty pool")

@@ -1,8 +1,9 @@
 """The gateway process: gRPC server (8033), HTTP /health and /metrics (3000), pipeline sockets.
 
-Start-up: bind the tokenizer pool socket, connect to the scheduler, open the
-HTTP port (`/live` at once; `/health` 503 and `/metrics` empty until the model
-info arrives), wait for the model info, then serve gRPC.  SIGTERM drains:
+Start-up: bind the tokenizer pool socket, connect to every replica's
+scheduler (replicas.py), open the HTTP port (`/live` at once; `/health` 503
+and `/metrics` empty until the model info arrives), wait for the first
+replica's model info, then serve gRPC.  SIGTERM drains:
 health turns 503, new calls get UNAVAILABLE, in-flight calls get
 `drain_grace_period` seconds to finish.
 """
@@ -21,14 +22,15 @@ import zmq.asyncio
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.config import parse_config
+from services.common import links
 from services.common.logs import setup_logging
 from services.gateway.config import GatewayConfig
 from services.gateway.health import GrpcHealthServicer, HealthChecker, quiet_copy
 from services.gateway.interceptors import SERVICE_NAME, DecodeErrorInterceptor, DrainInterceptor
 from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from services.gateway.pb import generation_pb2_grpc
-from services.gateway.scheduler_client import SchedulerClient, make_gateway_id
+from services.gateway.replicas import ReplicaSet
+from services.gateway.scheduler_client import make_gateway_id
 from services.gateway.servicer import MAX_SEND_MESSAGE_BYTES, GenerationServicer
 from services.gateway.tls import tls_files_error
 from services.gateway.tokenizer_pool import TokenizerPool
@@ -74,7 +76,8 @@ class Gateway:
         self.ctx = zmq.asyncio.Context()
         self.pool = TokenizerPool(self.ctx, config.tokenizer_endpoint, config.tokenizer_heartbeat_timeout,
                                   config.tokenizer_wait_timeout)
-        self.scheduler = SchedulerClient(self.ctx, config.scheduler_endpoint, make_gateway_id(), self.pool)
+        self.scheduler = ReplicaSet(self.ctx, config.scheduler_endpoint, make_gateway_id(), self.pool,
+                                    links.settings().discovery_interval)
         self.health_servicer = GrpcHealthServicer()
         self.servicer: GenerationServicer | None = None
         self.health: HealthChecker | None = None
@@ -83,7 +86,7 @@ class Gateway:
 
     async def run(self) -> None:
         self.loops = {"tokenizer pool": asyncio.create_task(self.pool.run()),
-                      "scheduler connection": asyncio.create_task(self.scheduler.run())}
+                      "replica connections": asyncio.create_task(self.scheduler.run())}
         for name, task in self.loops.items():
             task.add_done_callback(lambda done, name=name: self._loop_ended(name, done))
         tasks = list(self.loops.values())
@@ -98,6 +101,7 @@ class Gateway:
             for task in [*tasks, ready]:
                 task.cancel()
             await runner.cleanup()
+            links.stop_authenticators()
             self.ctx.destroy(linger=0)
             return
         model = self.scheduler.info.model
@@ -118,6 +122,9 @@ class Gateway:
         self.scheduler.on_step = metrics.record_step
         self.scheduler.on_failed = metrics.record_step_failure
         self.scheduler.on_finished = metrics.record_finished
+        self.scheduler.on_batch_gauges = metrics.set_batch_gauges
+        self.scheduler.on_replica = metrics.set_replica
+        self.scheduler.on_routed = metrics.replica_routed
         self.pool.on_handled = metrics.tokenizer_handled_one
         self.pool.on_membership_change = lambda: metrics.set_tokenizers([m.name for m in self.pool.members.values()])
         self.pool.on_membership_change()
@@ -128,6 +135,7 @@ class Gateway:
         await runner.cleanup()
         for task in tasks:
             task.cancel()
+        links.stop_authenticators()
         self.ctx.destroy(linger=0)
 
     def _dead_loop(self) -> str | None:
@@ -210,7 +218,7 @@ class Gateway:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging("gateway")
-    config = parse_config(GatewayConfig, argv, "gRPC gateway of the TGIS-compatible pipeline.")
+    config = links.parse_with_links(GatewayConfig, argv, "gRPC gateway of the TGIS-compatible pipeline.")
     gateway = Gateway(config)
 
     async def serve() -> None:

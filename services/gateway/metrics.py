@@ -34,7 +34,7 @@ DURATION_BUCKETS = [0.0001 * 1.5**k for k in range(1, 36)]
 TOKENIZE_TOKEN_BUCKETS = [float(2**k) for k in range(6, 20)]
 
 # Messages of the scheduler's RequestFailed that are not a failed forward pass.
-NOT_A_STEP_FAILURE = ("model not loaded",)
+NOT_A_STEP_FAILURE = ("model not loaded", "no model worker is ready")
 
 
 def _linear(limit: int) -> list[float]:
@@ -129,6 +129,12 @@ class GatewayMetrics:
         self.prefix_cache_hit = Counter("tgi_prefix_cache_hit_tokens", "prompt tokens found in the prefix cache",
                                         registry=r)
         self.preemptions = Counter("tgi_kv_preemption", "sequences preempted for lack of KV blocks", registry=r)
+        # Not in TGIS: the model replicas as this gateway sees them (their own load reports; inputs it sent each).
+        self.replica_queue_size = Gauge("tgi_replica_queue_size", "requests waiting in a replica", ["replica"], registry=r)
+        self.replica_batch_size = Gauge("tgi_replica_batch_size", "sequences running in a replica", ["replica"], registry=r)
+        self.replica_ready = Gauge("tgi_replica_ready", "1 when a replica takes work", ["replica"], registry=r)
+        self.replica_requests = Counter("tgi_replica_request_count", "inputs this gateway sent to a replica (re-sends "
+                                        "included)", ["replica"], registry=r)
 
     # ------------------------------------------------------------------ recording
 
@@ -197,6 +203,14 @@ class GatewayMetrics:
         self.tokenizer_pool_size.set(len(names))
         for name in names:
             self.tokenizer_handled.labels(name)
+
+    def set_replica(self, name: str, queue_size: int, batch_size: int, ready: bool) -> None:
+        self.replica_queue_size.labels(name).set(queue_size)
+        self.replica_batch_size.labels(name).set(batch_size)
+        self.replica_ready.labels(name).set(1 if ready else 0)
+
+    def replica_routed(self, name: str, inputs: int) -> None:
+        self.replica_requests.labels(name).inc(inputs)
 
     def set_batch_gauges(self, size: int, input_tokens: int, remaining: int, queue_size: int) -> None:
         self.batch_current_size.set(size)

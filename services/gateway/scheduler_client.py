@@ -1,8 +1,9 @@
-"""The gateway's connection to the scheduler: submit and cancel requests, route tokens back.
+"""The gateway's connection to one scheduler (one model replica): submit and cancel requests, route tokens back.
 
-One reader task receives every scheduler message and routes token outputs to
-their `Generation` by request id, then hands the resulting ids to the
-tokenizer pool in one batch per step.
+One reader task receives every message of this replica's scheduler and routes
+token outputs to their `Generation` by request id, then hands the resulting
+ids to the tokenizer pool in one batch per step.  `ReplicaSet` (replicas.py)
+holds one of these per replica and decides where requests go.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 class SchedulerClient:
-    """DEALER connection to the scheduler plus the table of in-flight generations."""
+    """DEALER connection to one scheduler plus the table of its in-flight generations and its last load report."""
 
     def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, gateway_id: str, pool: TokenizerPool) -> None:
         self.sock = make_socket(ctx, zmq.DEALER, connect=endpoint)
@@ -56,6 +57,15 @@ class SchedulerClient:
         self.on_failed: Callable[[str, list[Generation]], None] = lambda message, generations: None
         # False from the moment the scheduler is declared lost until it answers again: new calls fail at once.
         self.reachable = True
+        # Generations this replica lost (message, retryable): failed here unless the replica set re-sends them.
+        self.on_lost: Callable[[SchedulerClient, list[Generation], str, bool], None] = self._fail_lost
+        # The replica's own load report (Pong, step stats): requests queued and running, workers ready.
+        self.queue_size = 0
+        self.batch_size = 0
+        self.workers_ready = False
+        self.on_report: Callable[[SchedulerClient], None] = lambda client: None
+        self.on_info: Callable[[SchedulerClient], None] = lambda client: None  # the model info arrived
+        self.last_stats: StepStats | None = None
         self._pings: dict[int, asyncio.Future] = {}
         self._nonces = itertools.count(1)
 
@@ -138,11 +148,9 @@ class SchedulerClient:
         self.reachable = False
         lost = list(self.generations.values())
         log.error("scheduler at %s stopped answering; failing %d in-flight request(s)", self.endpoint, len(lost))
-        for generation in lost:
-            generation.fail("lost connection to the scheduler")
-            self.pool.close(generation.request_id)
         self.generations.clear()
-        self.on_failed("lost connection to the scheduler", lost)
+        self.workers_ready = False
+        self.on_lost(self, lost, "lost connection to the scheduler", True)
         if lost:
             # Queued on the socket: should the scheduler come back, it frees their batch slots.
             self._send(Cancel([g.request_id for g in lost]))
@@ -163,24 +171,34 @@ class SchedulerClient:
                 log.info("scheduler ready: model %s, max_sequence_length=%d, max_new_tokens=%d",
                          message.model.model_name, message.model.max_sequence_length, message.model.max_new_tokens)
             self.info = message
+            self.workers_ready = True
             self.ready.set()
+            self.on_info(self)
         elif isinstance(message, RequestFailed):
-            failed = []
-            for request_id in message.request_ids:
-                generation = self.generations.pop(request_id, None)
-                if generation is not None:
-                    failed.append(generation)
-                    generation.fail(message.message)
-                    self.pool.close(request_id)
-            self.on_failed(message.message, failed)
+            failed = [g for request_id in message.request_ids if (g := self.generations.pop(request_id, None))]
+            if message.retryable:
+                self.workers_ready = False  # its worker group is gone (or not there yet): the next Pong says when back
+            self.on_lost(self, failed, message.message, message.retryable)
         elif isinstance(message, Pong):
+            self.queue_size, self.batch_size, self.workers_ready = (message.queue_size, message.batch_size,
+                                                                    message.workers_ready)
+            self.on_report(self)
             future = self._pings.get(message.nonce)
             if future is not None and not future.done():
                 future.set_result(message)
 
+    def _fail_lost(self, _client: SchedulerClient, generations: list[Generation], message: str, _retryable: bool) -> None:
+        for generation in generations:
+            generation.fail(message)
+            self.pool.close(generation.request_id)
+        self.on_failed(message, generations)
+
     def _on_tokens(self, batch: TokenBatch) -> None:
         if batch.stats is not None:
+            self.queue_size, self.batch_size = batch.stats.queue_size, batch.stats.running
+            self.last_stats = batch.stats
             self.on_step(batch.stats)
+            self.on_report(self)
         items = []
         for output in batch.outputs:
             generation = self.generations.get(output.request_id)

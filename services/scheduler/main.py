@@ -18,8 +18,8 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from services.common import links
 from services.common.codec import ProtocolError
-from services.common.config import parse_config
 from services.common.health import Health, serve_health
 from services.common.logs import setup_logging
 from services.common.protocol import (
@@ -173,8 +173,9 @@ class SchedulerProcess:
         """Fail every request the group holds or would take, and stop all its ranks."""
         log.error("declaring the worker group lost: %s", message)
         if self.batcher is not None:
-            # Queued requests too: no worker group will take them until one joins again.
-            self._fail_running(message, queued_too=True)
+            # Queued requests too: no worker group will take them until one joins again. Retryable: a gateway
+            # re-sends those that had no token yet to another replica.
+            self._fail_running(message, queued_too=True, retryable=True)
         # The other ranks cannot go on without it, and a rank that wakes up holds a stale batch: stop them all,
         # so their supervisor (launcher, Kubernetes) restarts the group and the ranks join again from scratch.
         send(self.steps_out, Shutdown(shutdown_reason))
@@ -184,7 +185,7 @@ class SchedulerProcess:
         self.last_seen.clear()
         self.ready_ranks.clear()
 
-    def _fail_running(self, message: str, queued_too: bool = False) -> None:
+    def _fail_running(self, message: str, queued_too: bool = False, retryable: bool = False) -> None:
         assert self.batcher is not None
         self.in_flight = None
         failed = self.batcher.fail_step()
@@ -195,7 +196,7 @@ class SchedulerProcess:
         for sequence in failed:
             by_gateway.setdefault(sequence.gateway, []).append(sequence.request_id)
         for gateway, ids in by_gateway.items():
-            self._send_gateway(gateway, RequestFailed(ids, message))
+            self._send_gateway(gateway, RequestFailed(ids, message, retryable))
         if failed:
             log.error("failed %d request(s): %s", len(failed), message)
 
@@ -252,7 +253,7 @@ class SchedulerProcess:
             if not self.workers_ready:
                 # Fail fast rather than queue for a worker group that may never come back.
                 self._send_gateway(gateway, RequestFailed([r.request_id for r in message.requests],
-                                                          "no model worker is ready"))
+                                                          "no model worker is ready", retryable=True))
             else:
                 self.batcher.submit(gateway, message.requests)
         elif isinstance(message, Cancel):
@@ -322,12 +323,13 @@ class SchedulerProcess:
                 self._forward([(f.sequence, f.output) for f in expired])
         send(self.steps_out, Shutdown("scheduler stopping"))
         time.sleep(0.1)  # let the shutdown reach the ranks before the socket closes
+        links.stop_authenticators()
         self.ctx.destroy(linger=0)
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging("scheduler")
-    config = parse_config(SchedulerConfig, argv, "Queue and continuous batching for the worker ranks.")
+    config = links.parse_with_links(SchedulerConfig, argv, "Queue and continuous batching for the worker ranks.")
     process = SchedulerProcess(config)
     serve_health(process.health, config.health_port)
 

@@ -12,7 +12,7 @@ from services.common.model_path import DEMO_MODEL
 class TokenizerConfig:
     model_name: str = knob(DEMO_MODEL, "MODEL_NAME", "hub model id (looked up in the local HF cache) or a local folder")
     revision: str | None = knob(None, "REVISION", "model revision in the HF cache")
-    gateway_endpoint: str = knob("tcp://127.0.0.1:5570", "TOKENIZER_ENDPOINT", "gateway's ROUTER socket for the tokenizer pool (connect)")
+    gateway_endpoint: str = knob("tcp://127.0.0.1:5570", "TOKENIZER_ENDPOINT", "gateways' tokenizer-pool ROUTER sockets, comma-separated (connect to each; a host name stands for every address it resolves to)")
     name: str = knob("", "TOKENIZER_NAME", "name in logs and metrics (default: host-pid)")
     heartbeat_interval: float = knob(1.0, "TOKENIZER_HEARTBEAT_INTERVAL", "seconds between heartbeats to the gateway")
     health_port: int = knob(0, "HEALTH_PORT", "HTTP port for /live and /ready probes (0: none)")

@@ -1,7 +1,8 @@
-"""The tokenizer process: joins the gateway's tokenizer pool over ZeroMQ and serves tokenize/detokenize work.
+"""The tokenizer process: joins the tokenizer pool of every gateway over ZeroMQ and serves tokenize/detokenize work.
 
-Two threads: the main thread owns the socket (receives, sends replies, sends
-heartbeats on time, joins again after every reconnection), a work thread does
+Two threads: the main thread owns the sockets, one per gateway (receives,
+sends each reply back to the gateway that asked, sends heartbeats on time,
+joins again after every reconnection; see gateways.py), a work thread does
 the tokenizer work.  Tokenizations are served before detokenization work, and
 long token details are built in chunks with waiting tokenizations served in
 between, so one huge request delays neither the heartbeats nor new requests.
@@ -22,10 +23,9 @@ from typing import Any
 
 import zmq
 from tokenizers import Tokenizer
-from zmq.utils.monitor import recv_monitor_message
 
+from services.common import links
 from services.common.codec import ProtocolError, decode, encode
-from services.common.config import parse_config
 from services.common.health import Health, serve_health
 from services.common.logs import setup_logging
 from services.common.model_path import resolve_model_path
@@ -36,20 +36,16 @@ from services.common.protocol import (
     DetokOpen,
     DetokResult,
     DetokTokens,
-    Heartbeat,
     StopReason,
     Tokenize,
-    TokenizerGoodbye,
-    TokenizerHello,
 )
-from services.common.zmq_io import make_socket
 from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.detokenizer import Detokenizer, TextDecoder
 from services.tokenizer.encoding import is_encoder_decoder, load_tokenizer, tokenize
+from services.tokenizer.gateways import GatewayLink, GatewayLinks
 
 logger = logging.getLogger(__name__)
 
-GOODBYE_LINGER_MS = 1000  # how long the goodbye may wait for a slow or absent gateway
 PIECE_CHUNK = 4096  # vocabulary pieces looked up between two looks at waiting tokenizations
 
 
@@ -129,9 +125,10 @@ class WorkThread(threading.Thread):
         self.stopped = False
         service.between_chunks = self._serve_urgent
 
-    def put(self, message: Any) -> None:
+    def put(self, key: bytes, message: Any) -> None:
+        """Queue `message` from the gateway link `key` (its reply goes back there)."""
         with self.ready:
-            (self.urgent if isinstance(message, Tokenize) else self.ordered).append(message)
+            (self.urgent if isinstance(message, Tokenize) else self.ordered).append((key, message))
             self.ready.notify()
 
     def stop(self) -> None:
@@ -150,8 +147,8 @@ class WorkThread(threading.Thread):
                     if self.stopped:
                         return
                     queue = self.urgent if self.urgent else self.ordered
-                    message = queue.popleft()
-                self._handle(message)
+                    key, message = queue.popleft()
+                self._handle(key, message)
         finally:
             self.out.close(linger=0)
 
@@ -160,17 +157,17 @@ class WorkThread(threading.Thread):
             with self.ready:
                 if not self.urgent:
                     return
-                message = self.urgent.popleft()
-            self._handle(message)
+                key, message = self.urgent.popleft()
+            self._handle(key, message)
 
-    def _handle(self, message: Any) -> None:
+    def _handle(self, key: bytes, message: Any) -> None:
         try:
             reply = self.service.handle(message)
         except Exception:  # one message's failure must not stop this process serving the others
             logger.exception("Failed to handle a %s message", type(message).__name__)
             return
         if reply is not None:
-            self.out.send_multipart(encode(reply), copy=False)
+            self.out.send_multipart([key, *encode(reply)], copy=False)
 
 
 class _Stopper:
@@ -190,74 +187,62 @@ class _Stopper:
 
 
 def serve(config: TokenizerConfig, name: str, service: TokenizerService, stopper: _Stopper, health: Health) -> None:
-    """Join the gateway's pool (again after each reconnection) and answer its messages until a signal asks to stop."""
+    """Serve every gateway found (joining each anew after every reconnection) until a signal asks to stop."""
     ctx = zmq.Context()
-    sock = make_socket(ctx, zmq.DEALER, connect=config.gateway_endpoint)
-    # The gateway knows members by connection: a new connection (first, or to a restarted gateway) joins anew.
-    connections = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+    gateways = GatewayLinks(ctx, config.gateway_endpoint, name)
     replies = ctx.socket(zmq.PAIR)
     replies.bind(f"inproc://tokenizer-replies-{id(replies)}")
     worker = WorkThread(ctx, replies.get_string(zmq.LAST_ENDPOINT), service)
     worker.start()
-    poller = zmq.Poller()
-    for polled in (sock, replies, connections, stopper.wake):
-        poller.register(polled, zmq.POLLIN)
+    discovery_interval = links.settings().discovery_interval
     next_heartbeat = time.monotonic() + config.heartbeat_interval
+    next_discovery = 0.0
     health.ready()
     try:
         while not stopper.stopping:
             health.turn()  # the poll below waits at most one heartbeat interval
-            timeout_ms = max(0.0, next_heartbeat - time.monotonic()) * 1000
-            events = dict(poller.poll(timeout_ms))
-            if stopper.wake in events:
-                stopper.wake.recv(512)  # the signal's wake-up byte has done its job
-            if connections in events:
-                recv_monitor_message(connections)
-                _send(sock, TokenizerHello(name=name, pid=os.getpid()))
-                logger.info("Joined the tokenizer pool at %s as %s", config.gateway_endpoint, name)
-            if sock in events:
-                _receive_one(sock, worker)
+            if time.monotonic() >= next_discovery:
+                gateways.refresh()
+                next_discovery = time.monotonic() + discovery_interval
+            poller = zmq.Poller()
+            for polled in (stopper.wake, replies, *gateways.pollables()):
+                poller.register(polled, zmq.POLLIN)
+            timeout_ms = max(0.0, min(next_heartbeat, next_discovery) - time.monotonic()) * 1000
+            for polled, _ in poller.poll(timeout_ms):
+                if polled is stopper.wake:
+                    stopper.wake.recv(512)  # the signal's wake-up byte has done its job
+                elif polled is not replies and (link := gateways.link_of(polled)) is not None:
+                    if polled is link.events:
+                        gateways.on_events(link)
+                    else:
+                        _receive_one(link, worker)
             while replies.poll(0):
-                _send_frames(sock, replies.recv_multipart(), "reply")
+                key, *frames = replies.recv_multipart()
+                gateways.reply(key, frames)
             if time.monotonic() >= next_heartbeat:
-                _send(sock, Heartbeat(sender=name))
+                gateways.heartbeat()
                 next_heartbeat = time.monotonic() + config.heartbeat_interval
-        _send(sock, TokenizerGoodbye(name=name))
-        logger.info("Left the tokenizer pool at %s", config.gateway_endpoint)
     finally:
+        gateways.close()
         worker.stop()
-        sock.disable_monitor()
-        connections.close(linger=0)
         replies.close(linger=0)
-        sock.close(linger=GOODBYE_LINGER_MS)
+        links.stop_authenticators()
         ctx.term()
 
 
-def _send(sock: zmq.Socket, message: Any) -> None:
-    _send_frames(sock, encode(message), type(message).__name__)
-
-
-def _send_frames(sock: zmq.Socket, frames: list, what: str) -> None:
-    """Send without blocking: a gateway gone long enough to fill the queue must not freeze this process."""
+def _receive_one(link: GatewayLink, worker: WorkThread) -> None:
     try:
-        sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-    except zmq.Again:
-        logger.warning("Gateway unreachable (send queue full), dropped a %s message", what)
-
-
-def _receive_one(sock: zmq.Socket, worker: WorkThread) -> None:
-    try:
-        message = decode(sock.recv_multipart())
+        message = decode(link.sock.recv_multipart())
     except ProtocolError as exc:  # garbage from the wire must never take the process down
-        logger.error("Skipping a message that cannot be decoded: %s", exc)
+        logger.error("Skipping a message from %s that cannot be decoded: %s", link.endpoint, exc)
         return
-    worker.put(message)
+    worker.put(link.key, message)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console script `text-generation-tokenizer`."""
     setup_logging("tokenizer")
-    config = parse_config(TokenizerConfig, argv, "Tokenizer process of the TGIS-compatible pipeline")
+    config = links.parse_with_links(TokenizerConfig, argv, "Tokenizer process of the TGIS-compatible pipeline")
     stopper = _Stopper()
     name = config.name or f"{socket.gethostname()}-{os.getpid()}"
     health = Health(config.health_stall_timeout)

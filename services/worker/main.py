@@ -21,8 +21,8 @@ import torch
 import zmq
 
 from services.common.codec import ProtocolError
-from services.common.config import parse_config
 from services.common.health import Health, serve_health
+from services.common.links import parse_with_links
 from services.common.logs import setup_logging
 from services.common.protocol import Heartbeat, Shutdown, Step, StepFailed, Welcome, WorkerHello, WorkerReady
 from services.common.zmq_io import make_socket, recv, send
@@ -159,7 +159,7 @@ def serve(config: WorkerConfig, engine: Engine, steps: zmq.Socket, results: zmq.
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(WorkerConfig, argv, "Worker rank: model weights, KV cache, forward passes and sampling.")
+    config = parse_with_links(WorkerConfig, argv, "Worker rank: model weights, KV cache, forward passes and sampling.")
     setup_logging(f"worker-{config.rank}")
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
