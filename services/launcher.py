@@ -44,6 +44,7 @@ class LauncherConfig:
     dtype_str: str | None = knob(None, "DTYPE_STR", "weights dtype (TGIS's other name for --dtype)")
     quantize: str | None = knob(None, "QUANTIZE", "weight-only quantization at load: none, int8 or int4 (matmuls in bfloat16)")
     quantize_group_size: int = knob(32, "QUANTIZE_GROUP_SIZE", "int4: input columns per scale/zero pair")
+    pt2_compile: str | None = knob(None, "PT2_COMPILE", "torch.compile the workers' forward pass: any value but false (start-up compiles for minutes)")
     num_shard: int | None = knob(None, "NUM_SHARD", "worker ranks (tensor parallel degree)")
     max_concurrent_requests: int = knob(512, "MAX_CONCURRENT_REQUESTS", "inputs in flight before 'Model is overloaded'")
     max_sequence_length: int | None = knob(None, "MAX_SEQUENCE_LENGTH", "max input + output tokens (default: model config, else 2048)")
@@ -165,6 +166,7 @@ class Launcher:
         settings = {
             "MODEL_NAME": c.model_name, "REVISION": c.revision, "DTYPE_STR": c.dtype_str or c.dtype or quantized_dtype(c.quantize),
             "QUANTIZE": c.quantize, "QUANTIZE_GROUP_SIZE": c.quantize_group_size,
+            "PT2_COMPILE": c.pt2_compile,
             "MAX_SEQUENCE_LENGTH": c.max_sequence_length, "MAX_NEW_TOKENS": c.max_new_tokens,
             "MAX_BATCH_SIZE": c.max_batch_size, "MAX_WAITING_TOKENS": c.max_waiting_tokens,
             "KV_CACHE_MEMORY": c.kv_cache_memory, "KV_BLOCK_SIZE": c.kv_block_size,

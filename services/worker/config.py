@@ -38,6 +38,7 @@ class WorkerConfig:
     kv_block_size: int = knob(16, "KV_BLOCK_SIZE", "token positions per KV cache block")
     quantize: str | None = knob(None, "QUANTIZE", "weight-only quantization at load: none, int8 (per channel) or int4 (group-wise); matmuls in bfloat16")
     quantize_group_size: int = knob(32, "QUANTIZE_GROUP_SIZE", "int4: input columns per scale/zero pair (halved for a layer it does not divide)")
+    pt2_compile: str | None = knob(None, "PT2_COMPILE", "torch.compile the forward pass: any value but false (start-up compiles for minutes)")
     device: str = knob("auto", "WORKER_DEVICE", "torch device: auto, cpu, cuda, cuda:N (auto: cuda:LOCAL_RANK if available)")
     rank: int = knob(0, "RANK", "this process's rank in the model replica")
     world_size: int = knob(1, "WORLD_SIZE", "ranks in the model replica (tensor parallel degree)")

@@ -31,6 +31,7 @@ from services.common.protocol import (
     StepResult,
 )
 from services.worker.checkpoint import load_model
+from services.worker.compile import compile_model, pt2_compile_enabled, warm_up
 from services.worker.config import WorkerConfig
 from services.worker.kv_cache import PagedKVCache, budget_bytes
 from services.worker.paged_attention import PagedBatch, forward_context
@@ -52,6 +53,7 @@ MAX_LENGTH_KEYS = (
     "max_sequence_length", "max_seq_length", "seq_len",
 )
 DEFAULT_MAX_SEQUENCE_LENGTH = 2048
+WARM_UP_PREFILL = 512  # tokens of the prefill chunk in the PT2 warm-up (any length > 1 shares its compiled graph)
 
 
 def resolve_device(name: str, rank: int = 0) -> torch.device:
@@ -152,8 +154,11 @@ class Engine:
         self.vocab_size = args.vocab_size
         self.cache = PagedKVCache.for_budget(
             budget_bytes(config.kv_cache_memory, self.device), self.max_sequence_length, args.num_layers,
-            config.kv_block_size, args.num_kv_heads // config.world_size, args.head_dim, self.dtype, self.device)
+            config.kv_block_size, self.model.kv_heads_per_rank, args.head_dim, self.dtype, self.device)
         self.sequences: dict[str, Sequence] = {}
+        if pt2_compile_enabled(config.pt2_compile):
+            compile_model(self.model)
+            warm_up(self.model, self.cache, config.max_batch_size, min(WARM_UP_PREFILL, self.max_sequence_length - 1))
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(
