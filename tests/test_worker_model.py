@@ -15,7 +15,7 @@ from services.worker.checkpoint import load_model
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine, model_max_length, resolve_dtype
 from services.worker.kv_cache import PagedKVCache
-from services.worker.model import ModelArgs, rope_inv_freq
+from services.worker.models.layers import rope_inv_freq
 from services.worker.paged_attention import PagedBatch, forward_context
 from tests.conftest import build_tiny_llama
 from tests.local_engine import LocalEngine
@@ -25,9 +25,9 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 
 
-def _new_cache(model, num_blocks: int = 64, block_size: int = 4, world_size: int = 1) -> PagedKVCache:
+def _new_cache(model, num_blocks: int = 64, block_size: int = 4) -> PagedKVCache:
     args = model.args
-    return PagedKVCache(args.num_layers, num_blocks, block_size, args.num_kv_heads // world_size, args.head_dim,
+    return PagedKVCache(args.num_layers, num_blocks, block_size, model.kv_heads_per_rank, args.head_dim,
                         torch.float32, CPU)
 
 
@@ -115,14 +115,12 @@ def test_sharded_checkpoint_loads(tiny_model_path, tmp_path):
 
 
 def test_unsupported_rope_is_a_clear_error():
-    config = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0}}
     with pytest.raises(ValueError, match="unsupported rope type 'yarn'"):
-        rope_inv_freq(ModelArgs.from_config(config))
+        rope_inv_freq({"rope_type": "yarn", "rope_theta": 10000.0}, 8)
 
 
-def _tp_logits(model, world_size: int) -> dict[str, torch.Tensor]:
-    cache = _new_cache(model, world_size=world_size)
+def _tp_logits(model) -> dict[str, torch.Tensor]:
+    cache = _new_cache(model)
     a, b = list(range(1, 6)), list(range(1, 7))
     prefill = _forward(model, cache, [(a, 0, 5), (b, 0, 6)], [[0, 1], [2, 3]])
     decode = _forward(model, cache, [([*a, 7], 5, 1), ([*b, 8], 6, 1)], [[0, 1], [2, 3]])
@@ -134,7 +132,7 @@ def _tp_rank(rank: int, world_size: int, path: Path, init_file: Path, out: Path)
     try:
         torch.set_num_threads(1)
         model = load_model(path, torch.float32, CPU, rank, world_size)
-        torch.save(_tp_logits(model, world_size), out / f"rank{rank}.pt")
+        torch.save(_tp_logits(model), out / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -144,7 +142,7 @@ def test_tensor_parallel_matches_single_rank(tmp_path, demo_model_path, monkeypa
     path = build_tiny_llama(tmp_path / "model", demo_model_path, seed=2, attention_bias=True, mlp_bias=True)
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # the spawned ranks talk over loopback
     mp.spawn(_tp_rank, args=(2, path, tmp_path / "rendezvous", tmp_path), nprocs=2, join=True)
-    expected = _tp_logits(load_model(path, torch.float32, CPU), 1)
+    expected = _tp_logits(load_model(path, torch.float32, CPU))
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         for name in ("prefill", "decode"):

@@ -1,78 +1,149 @@
-"""Loading a Llama checkpoint from safetensors into our model, each rank taking its tensor-parallel shard."""
+"""Loading a checkpoint's safetensors into a `tgis_native` model, each rank taking its tensor-parallel shard.
+
+Our parameters have the same names in every family (`models/layers.py`); a
+family's `modules(args)` says which checkpoint module fills each of ours.
+What a rank keeps depends on the parameter's role, not on the family:
+* fused QKV: the checkpoint's q, k and v (separate tensors, or one fused
+  tensor in the family's layout) are cut into whole heads; this rank keeps its
+  query heads and its KV heads (a copy of its group's KV head when there are
+  fewer KV heads than ranks), stored as [q; k; v];
+* the MLP's up projections (gate and up for gated MLPs): this rank's rows of
+  each part;
+* output projections (attention and MLP down): this rank's input columns;
+* everything else (embeddings, norms, biases added after the all-reduce,
+  the LM head): the whole tensor.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from services.worker.model import LlamaForCausalLM, ModelArgs, rope_inv_freq
+from services.worker.models.decoder import DecoderLM
+from services.worker.models.layers import DecoderArgs
+from services.worker.models.registry import family
 from services.worker.quant import DEFAULT_GROUP_SIZE, quantize_model
 
 logger = logging.getLogger(__name__)
 
+NO_SAFETENSORS = "No safetensors weights found - required for tgis_native engine"
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# Row-parallel biases are parameters of their own (added once, after the all-reduce).
+_BIASES = {"attn.o_bias": "attn.o_proj.bias", "mlp.down_bias": "mlp.down_proj.bias"}
 
-def _checkpoint_files(folder: Path) -> dict[str, Path]:
-    """Map each tensor name to the safetensors file holding it."""
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file holding it (index, single file, or every *.safetensors)."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {name: folder / file for name, file in weight_map.items()}
-    single = folder / "model.safetensors"
-    if not single.exists():
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(NO_SAFETENSORS)
+    names = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names.update(dict.fromkeys(f.keys(), file))
+    return names
 
 
-def _checkpoint_name(param: str) -> tuple[str, int | None]:
-    """The checkpoint tensor behind one of our parameters, and the dim it is split along under TP."""
-    if param.endswith("o_bias"):
-        return param.replace("o_bias", "o_proj.bias"), None
-    if param.endswith("down_bias"):
-        return param.replace("down_bias", "down_proj.bias"), None
-    if any(p in param for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
-        return param, 0
-    if any(p in param for p in ("o_proj.weight", "down_proj.weight")):
-        return param, 1
-    return param, None
+def checkpoint_sources(param: str, modules: dict[str, str | tuple[str, ...]]) -> list[str]:
+    """The checkpoint tensor(s) behind one of our parameters (several for q/k/v or gate/up stored apart)."""
+    match = _LAYER.fullmatch(param)
+    layer, name = (match.group(1), match.group(2)) if match else (None, param)
+    name = _BIASES.get(name, name)
+    module, _, leaf = name.rpartition(".")
+    key = f"model.layers.{{i}}.{module}" if layer is not None else module
+    if key not in modules:
+        raise ValueError(f"no checkpoint tensor is known for parameter {param}")
+    source = modules[key]
+    parts = source if isinstance(source, tuple) else (source,)
+    return [f"{part.format(i=layer)}.{leaf}" for part in parts]
+
+
+def _rank_heads(t: torch.Tensor, heads: int, head_dim: int, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's heads of t [heads * head_dim, ...]: its share, or its group's head when heads < world_size."""
+    if heads >= world_size:
+        per = heads // world_size
+        return t[rank * per * head_dim: (rank + 1) * per * head_dim]
+    head = rank * heads // world_size
+    return t[head * head_dim: (head + 1) * head_dim]
+
+
+def _qkv(parts: list[torch.Tensor], args: DecoderArgs, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's [q; k; v] rows from the checkpoint's separate or fused QKV tensor (weight or bias)."""
+    h, kv, d = args.num_heads, args.num_kv_heads, args.head_dim
+    if len(parts) == 1 and args.qkv_layout == "grouped":  # per KV group: its queries, then its key and value
+        grouped = parts[0].reshape(kv, h // kv + 2, d, *parts[0].shape[1:])
+        parts = [grouped[:, :-2].reshape(h * d, *parts[0].shape[1:]),
+                 grouped[:, -2].reshape(kv * d, *parts[0].shape[1:]),
+                 grouped[:, -1].reshape(kv * d, *parts[0].shape[1:])]
+    elif len(parts) == 1:
+        parts = list(parts[0].split([h * d, kv * d, kv * d]))
+    q, k, v = parts
+    return torch.cat([_rank_heads(q, h, d, rank, world_size), _rank_heads(k, kv, d, rank, world_size),
+                      _rank_heads(v, kv, d, rank, world_size)])
+
+
+def _shard(param: str, parts: list[torch.Tensor], args: DecoderArgs, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's part of the full checkpoint tensor(s) behind `param`, by the parameter's role."""
+    if param.endswith(("attn.qkv_proj.weight", "attn.qkv_proj.bias")):
+        return _qkv(parts, args, rank, world_size)
+    if param.endswith(("mlp.up_proj.weight", "mlp.up_proj.bias")):
+        return torch.cat([part.chunk(world_size)[rank] for part in parts])
+    if param.endswith(("attn.o_proj.weight", "mlp.down_proj.weight")):
+        return parts[0].chunk(world_size, dim=1)[rank]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def load_model(folder: Path, dtype: torch.dtype, device: torch.device, rank: int = 0, world_size: int = 1,
-               group=None, quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> LlamaForCausalLM:
-    """Build the model from `folder/config.json` and load (this rank's shard of) its safetensors weights,
-    then quantize its linear layers when `quantize` names a method (`services/worker/quant.py`)."""
-    args = ModelArgs.from_config(json.loads((folder / "config.json").read_text()))
+               group=None, quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> DecoderLM:
+    """Build the model from `folder/config.json` (its family from the registry) and load this rank's shard of its
+    safetensors weights, then quantize its linear layers when `quantize` names a method (`quant.py`)."""
+    config = json.loads((folder / "config.json").read_text())
+    impl = family(config.get("model_type"))
+    args = impl.decoder_args(config)
+    files = checkpoint_files(folder)  # before building: a folder without safetensors fails fast
     with torch.device("meta"):
-        model = LlamaForCausalLM(args, rank, world_size, group).to(dtype)
+        model = DecoderLM(args, rank, world_size, group).to(dtype)
     model.to_empty(device=device)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(args).to(device)  # stays float32, like the reference
-    files = _checkpoint_files(folder)
+    # Rotary frequencies and ALiBi slopes stay float32, like the reference.
+    model.inv_freq, model.alibi_slopes = model.rotary_inv_freq(), model.rank_alibi_slopes()
+    if model.inv_freq is not None:
+        model.inv_freq = model.inv_freq.to(device)
+    if model.alibi_slopes is not None:
+        model.alibi_slopes = model.alibi_slopes.to(device)
+    modules = impl.modules(args)
+    transposed = config["model_type"] in getattr(impl, "TRANSPOSED_TYPES", ())
     handles: dict[Path, object] = {}
+
+    def read(name: str) -> torch.Tensor:
+        if name not in files:  # some hub checkpoints (BLOOM, GPT-2) drop the base model's prefix
+            name = name.partition(".")[2]
+        if name not in files:
+            raise ValueError(f"weight {name} missing from the checkpoint in {folder}")
+        if files[name] not in handles:
+            handles[files[name]] = safe_open(files[name], framework="pt", device="cpu")
+        return handles[files[name]].get_tensor(name)
+
     for name, param in model.named_parameters():  # a tied lm_head appears once, as the embedding
-        source, split_dim = _checkpoint_name(name)
-        if source not in files:
-            raise ValueError(f"weight {source} missing from the checkpoint in {folder}")
-        if files[source] not in handles:
-            handles[files[source]] = safe_open(files[source], framework="pt", device="cpu")
-        tensor = handles[files[source]].get_slice(source)
-        if split_dim is None or world_size == 1:
-            tensor = tensor[:]
-        else:
-            size = param.shape[split_dim]
-            index = slice(rank * size, (rank + 1) * size)
-            tensor = tensor[index] if split_dim == 0 else tensor[:, index]
+        parts = [read(source) for source in checkpoint_sources(name, modules)]
+        if transposed and name.startswith("model.layers.") and parts[0].dim() == 2:
+            parts = [part.t() for part in parts]
+        tensor = _shard(name, parts, args, rank, world_size)
         if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"weight {source} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+            raise ValueError(f"weight {name} has shape {tuple(tensor.shape)} in the checkpoint, "
+                             f"expected {tuple(param.shape)}")
         with torch.no_grad():
             param.copy_(tensor)
-    # Fused q/k/v and gate/up projections: one GEMM each per layer instead of three and two.
-    model.fuse_projections()
     # After sharding: each rank quantizes its own slice (groups stay inside it).
     if quantize_model(model, quantize, group_size) and dtype == torch.float32:
         logger.warning("quantized matmuls run in bfloat16, but the embedding, norms, attention, the layers kept "

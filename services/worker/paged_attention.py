@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -83,12 +83,22 @@ def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return gathered.flatten(-4, -3).transpose(-3, -2)
 
 
+def _alibi_mask(slopes: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor, allowed: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [..., heads, Q, K] from query positions [..., Q] and key positions [K]: slope * (key - query)
+    where `allowed` (broadcast to it), else -inf."""
+    bias = slopes[:, None, None] * (key_pos[..., None, :] - query_pos[..., :, None])[..., None, :, :]
+    return bias.masked_fill(~allowed, float("-inf")).to(dtype)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+                    v_cache: torch.Tensor, batch: PagedBatch, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, heads, d], k/v [T, kv_heads, d] of the packed tokens -> attention output [T, heads, d].
 
     Writes k/v into the caches at `batch.slots` first, so chunks and decodes
     of the same pass see each other's keys where their tables share blocks.
+    With `alibi_slopes` [heads] (float32), scores get slope * (key position -
+    query position) added (BLOOM, MPT).
     """
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, batch.slots, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, batch.slots, v)
@@ -96,12 +106,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     if batch.num_decode:
         b = batch.num_decode
         keys, values = _gather(k_cache, batch.decode_blocks), _gather(v_cache, batch.decode_blocks)
+        mask = batch.decode_mask
+        if alibi_slopes is not None:  # each decode's query sits at its last key
+            key_pos = torch.arange(mask.shape[-1], device=q.device)
+            mask = _alibi_mask(alibi_slopes, mask.sum(-1)[:, 0] - 1, key_pos, mask, q.dtype)
         out[:b] = F.scaled_dot_product_attention(
-            q[:b, :, None], keys, values, attn_mask=batch.decode_mask, enable_gqa=True)[:, :, 0]
+            q[:b, :, None], keys, values, attn_mask=mask, enable_gqa=True)[:, :, 0]
     for chunk in batch.chunks:
         rows = slice(chunk.row, chunk.row + chunk.count)
         query = q[rows].transpose(0, 1)[None]
-        if chunk.start == 0:
+        if chunk.start == 0 and alibi_slopes is None:
             keys, values = k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None]
             result = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
         else:
@@ -109,7 +123,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             keys = _gather(k_cache, chunk.blocks)[None, :, :end]
             values = _gather(v_cache, chunk.blocks)[None, :, :end]
             positions = torch.arange(chunk.start, end, device=q.device)
-            mask = torch.arange(end, device=q.device)[None] <= positions[:, None]
+            key_pos = torch.arange(end, device=q.device)
+            mask = key_pos[None] <= positions[:, None]
+            if alibi_slopes is not None:
+                mask = _alibi_mask(alibi_slopes, positions, key_pos, mask, q.dtype)
             result = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
         out[rows] = result[0].transpose(0, 1)
     return out
@@ -129,27 +146,32 @@ def forward_context(batch: PagedBatch, cache: PagedKVCache) -> Iterator[None]:
         _context = previous
 
 
-def _attend_in_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+def _attend_in_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+                       alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     if _context is None:
         raise RuntimeError("attend() called outside forward_context()")
     batch, cache = _context
-    return paged_attention(q, k, v, cache.k[layer], cache.v[layer], batch)
+    return paged_attention(q, k, v, cache.k[layer], cache.v[layer], batch, alibi_slopes)
 
 
 @torch.library.custom_op("tgis::paged_attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+                  alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045 (schema inference)
     # Writes the cache of the forward context as a side effect: the cache is no input of a compiled graph, and
     # each layer's call depends on the previous layer's output, so the compiler can neither drop nor reorder it.
-    return _attend_in_context(q, k, v, layer)
+    return _attend_in_context(q, k, v, layer, alibi_slopes)
 
 
 @_attention_op.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+      alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045
     return torch.empty_like(q)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-    """Paged attention of `layer` for the current forward context's batch: q [T, heads, d], k/v [T, kv_heads, d]."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """Paged attention of `layer` for the current forward context's batch: q [T, heads, d], k/v [T, kv_heads, d];
+    `alibi_slopes` [heads] adds ALiBi position biases."""
     if torch.compiler.is_compiling():
-        return _attention_op(q, k, v, layer)
-    return _attend_in_context(q, k, v, layer)  # eager: skip the op dispatcher's overhead
+        return _attention_op(q, k, v, layer, alibi_slopes)
+    return _attend_in_context(q, k, v, layer, alibi_slopes)  # eager: skip the op dispatcher's overhead
