@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--timeout", type=float, default=_env_float("MODEL_WAIT_TIMEOUT_S", 0.0),
                       help="give up (exit 1) after this many seconds; 0 waits for ever (default: 0) [env MODEL_WAIT_TIMEOUT_S]")
     wait.set_defaults(handler=_wait_for_model)
+
+    keys = commands.add_parser("generate-curve-keys", help="write CurveZMQ server and client key pairs for the "
+                               "internal links (CURVE_KEYS_DIR)")
+    keys.add_argument("directory", metavar="DIR", type=Path, help="folder to write server.key[_secret] and "
+                      "client.key[_secret] into (created; existing keys are replaced)")
+    keys.set_defaults(handler=_generate_curve_keys)
     return parser
 
 
@@ -86,6 +92,14 @@ def _install_demo_model(args: argparse.Namespace) -> int:
 
 def _wait_for_model(args: argparse.Namespace) -> int:
     print(wait_for_model(args.model_name, args.revision, args.interval, args.timeout))
+    return 0
+
+
+def _generate_curve_keys(args: argparse.Namespace) -> int:
+    from services.common.links import generate_keys
+
+    for path in generate_keys(str(args.directory)):
+        print(path)
     return 0
 
 

@@ -3,9 +3,11 @@
 Every service parses `LinkConfig` beside its own config (`parse_with_links`)
 and `make_socket` (zmq_io.py) applies it to each socket it creates:
 
-* **Heartbeats** (`ZMQ_HEARTBEAT_IVL`/`TIMEOUT`/`TTL`) on every ipc and tcp
-  socket: a peer whose process stops answering (killed node, SIGSTOP, a
-  half-open tcp connection) is disconnected within interval + timeout.
+* **Heartbeats** (`ZMQ_HEARTBEAT_IVL`/`TIMEOUT`/`TTL`) on every tcp socket:
+  a peer whose process stops answering (lost node, SIGSTOP, a half-open
+  connection) is disconnected within interval + timeout.  Not on ipc: both
+  ends share a machine, the kernel closes a dead process's connections, and
+  the services' own heartbeats and pings see a frozen one.
 * **CurveZMQ** (optional, tcp; ipc only with `CURVE_IPC`): the side that binds
   is the curve server with `server.key_secret`, the side that connects is a
   client with `client.key_secret` that trusts `server.key`.  A ZAP handler on
@@ -38,8 +40,8 @@ CLIENT_KEY = "client"
 
 @dataclass(frozen=True)
 class LinkConfig:
-    zmq_heartbeat_interval: float = knob(1.0, "ZMQ_HEARTBEAT_INTERVAL_S", "seconds between ZMQ heartbeats on every link (0: off)")
-    zmq_heartbeat_timeout: float = knob(5.0, "ZMQ_HEARTBEAT_TIMEOUT_S", "seconds without any traffic after which a link's peer is dropped")
+    zmq_heartbeat_interval: float = knob(1.0, "ZMQ_HEARTBEAT_INTERVAL_S", "seconds between ZMQ heartbeats on every tcp link (0: off)")
+    zmq_heartbeat_timeout: float = knob(5.0, "ZMQ_HEARTBEAT_TIMEOUT_S", "seconds without any traffic after which a tcp link's peer is dropped")
     curve_keys_dir: str | None = knob(None, "CURVE_KEYS_DIR", "folder with CurveZMQ keys (server.key[_secret], client.key[_secret]): encrypt and authenticate tcp links")
     curve_ipc: bool = knob(False, "CURVE_IPC", "use CurveZMQ on ipc links too (tcp only by default)")
     discovery_interval: float = knob(10.0, "DISCOVERY_INTERVAL_S", "seconds between re-resolutions of peer host names (one link per address)")
@@ -112,11 +114,9 @@ def _uses_curve(endpoint: str) -> bool:
 
 
 def prepare(sock: zmq.Socket, *, bind: str | None = None, connect: str | None = None) -> None:
-    """Set heartbeat and curve options on `sock` before it binds or connects (inproc sockets are left alone)."""
+    """Set heartbeat and curve options on `sock` before it binds or connects to `endpoint`."""
     endpoint = bind or connect or ""
-    if endpoint.startswith("inproc://"):
-        return
-    if _settings.zmq_heartbeat_interval > 0:
+    if endpoint.startswith("tcp://") and _settings.zmq_heartbeat_interval > 0:
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(_settings.zmq_heartbeat_interval * 1000))
         timeout_ms = int(_settings.zmq_heartbeat_timeout * 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)

@@ -149,7 +149,6 @@ class SchedulerClient:
         lost = list(self.generations.values())
         log.error("scheduler at %s stopped answering; failing %d in-flight request(s)", self.endpoint, len(lost))
         self.generations.clear()
-        self.workers_ready = False
         self.on_lost(self, lost, "lost connection to the scheduler", True)
         if lost:
             # Queued on the socket: should the scheduler come back, it frees their batch slots.
