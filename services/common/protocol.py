@@ -102,6 +102,7 @@ class ModelInfo(Wire):
     world_size: int
     device: str
     dtype: str
+    hidden_size: int = 0  # embedding width: what a prompt prefix's embeddings must match
 
 
 class LogitsParams(Wire):
@@ -179,6 +180,9 @@ class GenerateRequest(Wire):
     logits: LogitsParams
     stop: StopParams
     arrival_time: float  # time.time() when the gateway received the call
+    # A prompt prefix: input_ids start with prefix_length placeholder (pad) ids whose embeddings it replaces.
+    prefix_id: str = ""
+    prefix_length: int = 0
 
 
 class Submit(Wire):
@@ -306,6 +310,9 @@ class NewSequence(Wire):
     request_id: str
     input_ids: TokenIds
     logits: LogitsParams
+    # The prompt prefix whose embeddings replace those of the first prefix_length input ids (placeholders).
+    prefix_id: str = ""
+    prefix_length: int = 0
 
 
 class ScheduledChunk(Wire):

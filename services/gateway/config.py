@@ -24,4 +24,7 @@ class GatewayConfig:
     tokenizer_wait_timeout: float = knob(30.0, "TOKENIZER_WAIT_TIMEOUT_S", "seconds a request waits for a tokenizer to join an empty pool")
     drain_grace_period: float = knob(30.0, "DRAIN_GRACE_PERIOD_S", "on SIGTERM, seconds in-flight requests get to finish")
     max_message_bytes: int = knob(4 * 1024 * 1024, "GRPC_MAX_MESSAGE_BYTES", "largest gRPC request accepted")
+    prefix_store_path: str | None = knob(None, "PREFIX_STORE_PATH", "folder of tuned prompt prefixes, one sub-folder per prefix_id (unset: prefixes off)")
+    prompt_cache_size_mb: int = knob(512, "PROMPT_CACHE_SIZE_MB", "MiB of prompt prefixes kept loaded for validation (least recently used dropped first)")
+    max_prompt_prefix_length: int | None = knob(None, "MAX_PROMPT_PREFIX_LENGTH", "longest prompt prefix in virtual tokens (default: half of max_sequence_length)")
     health_timeout: float = knob(60.0, "HEALTH_TIMEOUT_S", "seconds the /health pipeline generation may take")

@@ -29,6 +29,7 @@ from services.gateway.health import GrpcHealthServicer, HealthChecker, quiet_cop
 from services.gateway.interceptors import SERVICE_NAME, DecodeErrorInterceptor, DrainInterceptor
 from services.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from services.gateway.pb import generation_pb2_grpc
+from services.gateway.prefixes import PrefixLookup
 from services.gateway.replicas import ReplicaSet
 from services.gateway.scheduler_client import make_gateway_id
 from services.gateway.servicer import MAX_SEND_MESSAGE_BYTES, GenerationServicer
@@ -111,6 +112,8 @@ class Gateway:
             max_concurrent_requests=self.config.max_concurrent_requests,
             default_include_stop_seqs=self.config.default_include_stop_seqs,
             output_special_tokens=self.config.output_special_tokens,
+            prefixes=PrefixLookup.open(self.config.prefix_store_path, self.config.prompt_cache_size_mb,
+                                       self.config.max_prompt_prefix_length, model, self.metrics),
         )
         self.health = HealthChecker(self.servicer, self.config.health_timeout)
         self.health.dead_loop = self._dead_loop

@@ -16,6 +16,7 @@ from services.gateway.generation import FailedEvent, Generation, InputTokensEven
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pb import generation_pb2 as pb
 from services.gateway.pb import generation_pb2_grpc
+from services.gateway.prefixes import PrefixLookup
 from services.gateway.scheduler_client import SchedulerClient
 from services.gateway.tokenizer_pool import TokenizerFailed, TokenizerPool, TokenizerUnavailable
 from services.gateway.validation import (
@@ -25,6 +26,7 @@ from services.gateway.validation import (
     ValidationError,
     check_input,
     convert_and_validate,
+    with_prefix_placeholders,
 )
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     """Validates calls, sends inputs down the pipeline and assembles TGIS responses."""
 
     def __init__(self, scheduler: SchedulerClient, pool: TokenizerPool, metrics: GatewayMetrics, *,
-                 max_concurrent_requests: int, default_include_stop_seqs: bool, output_special_tokens: bool) -> None:
+                 max_concurrent_requests: int, default_include_stop_seqs: bool, output_special_tokens: bool,
+                 prefixes: PrefixLookup | None = None) -> None:
         self.scheduler = scheduler
         self.pool = pool
         self.metrics = metrics
+        self.prefixes = prefixes or PrefixLookup(metrics)
         self.limiter = ConcurrencyLimiter(max_concurrent_requests)
         self.default_include_stop_seqs = default_include_stop_seqs
         self.output_special_tokens = output_special_tokens
@@ -107,11 +111,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         started = time.monotonic()
         try:
             params = convert_and_validate(params_pb, self.limits, received_at)
+            prefix_length = 0
             if prefix_id:
-                # No prompt-prefix store is configured, so no prefix id can be found.
-                self.metrics.prompt_load_failure.inc()
-                raise ValidationError(
-                    f"can't retrieve prompt prefix with id '{prefix_id}': prefix id \"{prefix_id}\" not found")
+                prefix_length = await self.prefixes.length(prefix_id)
+                params.prefix_id = prefix_id
             try:
                 await self._learn_special_prefix()
                 encoded = await self.pool.tokenize(texts)
@@ -120,7 +123,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             inputs = []
             for tokenized in encoded:
                 self.metrics.raw_input_length.observe(len(tokenized.ids))
-                inputs.append(check_input(tokenized.ids, params, self.limits))
+                inputs.append(check_input(tokenized.ids, params, self.limits, prefix_length))
         except ValidationError as exc:
             self.metrics.request_failure.labels("validation").inc()
             log.info("refused a request: %s%s", exc,
@@ -151,7 +154,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 )
                 await self.pool.open_session(request_id, detok, self._delta_handler(generation))
                 generations.append(generation)
-                requests.append(GenerateRequest(request_id, validated.input_ids, logits, validated.stop, received_at))
+                requests.append(GenerateRequest(
+                    request_id, with_prefix_placeholders(validated, self.model.pad_token_id), logits, validated.stop,
+                    received_at, params.prefix_id, validated.prefix_length))
         except BaseException:  # cancelled while waiting for a tokenizer: close what was opened
             for generation in generations:
                 self.pool.close(generation.request_id)

@@ -59,6 +59,7 @@ class ValidatedParams:
     input_text: bool
     seed: int | None
     response: dict = field(default_factory=dict)
+    prefix_id: str = ""  # the call's prompt prefix, once looked up
 
     @property
     def sampling(self) -> bool:
@@ -73,6 +74,7 @@ class ValidatedInput:
     input_length: int  # after truncation
     stop: StopParams
     seed: int
+    prefix_length: int = 0  # virtual tokens of the call's prompt prefix (not in input_length)
 
 
 def convert_and_validate(params: pb.Parameters | None, limits: Limits, received_at: float | None = None) -> ValidatedParams:
@@ -215,5 +217,13 @@ def check_input(ids: TokenIds, params: ValidatedParams, limits: Limits, prefix_l
     return ValidatedInput(
         input_ids=input_ids, input_length=input_length,
         stop=StopParams(max_new_tokens, params.min_new_tokens, params.deadline, token_limited),
-        seed=seed,
+        seed=seed, prefix_length=prefix_length,
     )
+
+
+def with_prefix_placeholders(validated: ValidatedInput, pad_token_id: int) -> TokenIds:
+    """The ids the model runs: one pad id per prompt prefix position (the prefix's embeddings replace them on the
+    workers; input token details show them as pad tokens, as TGIS does), then the input."""
+    if not validated.prefix_length:
+        return validated.input_ids
+    return token_ids([pad_token_id] * validated.prefix_length + list(validated.input_ids))

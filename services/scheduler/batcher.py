@@ -16,6 +16,7 @@ EOS, max tokens); stop sequences are the tokenizer's job.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import deque
@@ -76,6 +77,13 @@ class Sequence:
     @property
     def decoding(self) -> bool:
         return self.computed == len(self.tokens) - 1 and self.generated > 0
+
+    @property
+    def cache_root(self) -> bytes:
+        """Where its blocks' hash chain starts: its prompt prefix's own root, so only that prefix's sequences share."""
+        if not self.request.prefix_id:
+            return b""
+        return hashlib.blake2b(b"prompt prefix " + self.request.prefix_id.encode(), digest_size=16).digest()
 
     @property
     def one_chunk(self) -> bool:
@@ -203,8 +211,8 @@ class Batcher:
             length = len(sequence.tokens)
             if budget <= 0 or (sequence.one_chunk and budget < min(length, self.max_prefill_tokens)):
                 break  # a prompt wanting input details longer than the budget runs when it has it all
-            hit_blocks, hashes = ([], []) if sequence.one_chunk else self.blocks.cached_prefix(sequence.tokens,
-                                                                                                 length - 1)
+            hit_blocks, hashes = ([], []) if sequence.one_chunk else self.blocks.cached_prefix(
+                sequence.tokens, length - 1, sequence.cache_root)
             need = blocks_for(length, self.blocks.block_size) - len(hit_blocks) + self.blocks.usable(hit_blocks)
             if need > self.blocks.num_free:
                 break
@@ -226,7 +234,7 @@ class Batcher:
     def _chunk(self, sequence: Sequence, count: int) -> ScheduledChunk:
         start = sequence.computed
         sequence.computed += count
-        self.blocks.register(sequence.table, sequence.tokens, sequence.computed)
+        self.blocks.register(sequence.table, sequence.tokens, sequence.computed, sequence.cache_root)
         if not sequence.decoding and start < len(sequence.request.input_ids):
             self.plan.prompt_tokens += min(count, len(sequence.request.input_ids) - start)
         return ScheduledChunk(sequence.request_id, start, count, token_ids(sequence.table.blocks))
@@ -253,7 +261,8 @@ class Batcher:
         for sequence in new:
             sequence.on_workers = True
         self.num_steps += 1
-        step = Step(self.num_steps, [NewSequence(s.request_id, token_ids(s.tokens), s.request.logits) for s in new],
+        step = Step(self.num_steps, [NewSequence(s.request_id, token_ids(s.tokens), s.request.logits, s.request.prefix_id,
+                                             s.request.prefix_length) for s in new],
                     self.to_remove, chunks)
         self.to_remove = []
         return step

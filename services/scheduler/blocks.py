@@ -53,9 +53,14 @@ class BlockManager:
         """How many of `blocks` (a cached prefix) would come out of the free list if taken."""
         return sum(1 for block in blocks if self.ref_counts[block] == 0)
 
-    def cached_prefix(self, tokens: list[int] | array.array, limit: int) -> tuple[list[int], list[bytes]]:
-        """The cached blocks (and their hashes) holding the longest prefix of `tokens`, at most `limit` tokens."""
-        blocks, hashes, previous = [], [], b""
+    def cached_prefix(self, tokens: list[int] | array.array, limit: int,
+                      root: bytes = b"") -> tuple[list[int], list[bytes]]:
+        """The cached blocks (and their hashes) holding the longest prefix of `tokens`, at most `limit` tokens.
+
+        `root` starts the hash chain: sequences whose first positions hold something other than their token ids
+        (a prompt prefix's embeddings) hash from a root of their own, so they share blocks only among themselves.
+        """
+        blocks, hashes, previous = [], [], root
         if not self.prefix_caching:
             return blocks, hashes
         for i in range(limit // self.block_size):
@@ -95,12 +100,12 @@ class BlockManager:
             table.blocks.append(block)
         return True
 
-    def register(self, table: BlockTable, tokens: list[int] | array.array, computed: int) -> None:
-        """Make the table's blocks that `computed` positions fill completely reusable by their content."""
+    def register(self, table: BlockTable, tokens: list[int] | array.array, computed: int, root: bytes = b"") -> None:
+        """Make the table's blocks that `computed` positions fill completely reusable by their content (and root)."""
         if not self.prefix_caching:
             return
         full = min(computed // self.block_size, len(table.blocks))
-        previous = table.hashes[-1] if table.hashes else b""
+        previous = table.hashes[-1] if table.hashes else root
         for i in range(len(table.hashes), full):
             digest = chain_hash(previous, tokens[i * self.block_size: (i + 1) * self.block_size])
             block = table.blocks[i]

@@ -35,6 +35,7 @@ from services.worker.compile import compile_model, pt2_compile_enabled, warm_up
 from services.worker.config import WorkerConfig
 from services.worker.kv_cache import PagedKVCache, budget_bytes
 from services.worker.paged_attention import PagedBatch, forward_context
+from services.worker.prefixes import covers_prefix, embed_with_prefixes, load_prefix, open_store
 from services.worker.sampling import (
     BatchParams,
     choose,
@@ -104,6 +105,7 @@ class Sequence:
     generated: int = 0
     seen: torch.Tensor | None = None  # [vocab] ids in prompt and output, kept only for the repetition penalty
     details_sent: bool = field(default=False)
+    prefix: torch.Tensor | None = None  # prompt prefix embeddings replacing those of the first prefix positions
 
 
 @dataclass
@@ -156,6 +158,9 @@ class Engine:
             budget_bytes(config.kv_cache_memory, self.device), self.max_sequence_length, args.num_layers,
             config.kv_block_size, self.model.kv_heads_per_rank, args.head_dim, self.dtype, self.device)
         self.sequences: dict[str, Sequence] = {}
+        self.prefixes = open_store(config.prefix_store_path, config.prompt_cache_size_mb,
+                                   config.max_prompt_prefix_length, args.hidden_size, self.dtype,
+                                   self.max_sequence_length)
         if pt2_compile_enabled(config.pt2_compile):
             compile_model(self.model)
             warm_up(self.model, self.cache, config.max_batch_size, min(WARM_UP_PREFILL, self.max_sequence_length - 1))
@@ -167,6 +172,7 @@ class Engine:
             max_sequence_length=self.max_sequence_length, max_new_tokens=self.max_new_tokens,
             max_batch_size=self.config.max_batch_size, world_size=self.config.world_size,
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            hidden_size=self.model.args.hidden_size,
         )
 
     @torch.inference_mode()
@@ -209,12 +215,18 @@ class Engine:
                             f"({self.max_sequence_length - 1})")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise StepError(f"token ids outside the vocabulary (0..{self.vocab_size - 1})")
+        prefix = None
+        if new.prefix_id:
+            try:
+                prefix = load_prefix(self.prefixes, new.prefix_id, new.prefix_length, self.device)
+            except LookupError as exc:
+                raise StepError(str(exc)) from exc
         seen = None
         if new.logits.repetition_penalty != 1.0:
             seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
             seen[torch.tensor(ids, device=self.device)] = True
         self.sequences[new.request_id] = Sequence(new.request_id, new.logits, make_generator(new.logits, self.device),
-                                                  ids, len(ids), seen=seen)
+                                                  ids, len(ids), seen=seen, prefix=prefix)
 
     def _check_chunk(self, chunk: ScheduledChunk) -> Sequence:
         seq = self.sequences.get(chunk.request_id)
@@ -246,8 +258,13 @@ class Engine:
             positions.extend(range(p.chunk.start, p.chunk.start + p.chunk.count))
         batch = PagedBatch.build(self.cache.block_size, [list(p.chunk.block_table) for p in planned],
                                  [p.chunk.start for p in planned], [p.chunk.count for p in planned], self.device)
+        ids_t, positions_t = torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device)
+        runs = [(p.sequence.prefix, p.chunk.start, p.chunk.count) for p in planned]
         with forward_context(batch, self.cache):
-            hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device))
+            if covers_prefix(runs):  # prompt prefix rows: from embeddings (the compiled forward takes ids only)
+                hidden = self.model.forward_embeds(embed_with_prefixes(self.model, ids_t, runs), positions_t)
+            else:
+                hidden = self.model(ids_t, positions_t)
         # Logits only where needed: the last token of each sampling chunk, every token of one wanting input details.
         rows, row, sampling = [], 0, []
         for p in planned:
