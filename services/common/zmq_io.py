@@ -9,6 +9,7 @@ hide it behind `(identity, message)` pairs.  The async variants work on
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -76,13 +77,17 @@ async def async_recv_from(sock: zmq.asyncio.Socket) -> tuple[bytes, Any]:
     return identity, decode(frames)
 
 
-def send_to_nowait(sock: zmq.asyncio.Socket, identity: bytes | None, message: Any, what: str = "peer") -> None:
-    """Queue a message on an asyncio socket from synchronous code, keeping send order; failures are logged."""
+def send_to_nowait(sock: zmq.asyncio.Socket, identity: bytes | None, message: Any, what: str = "peer",
+                   on_error: Callable[[BaseException], None] | None = None) -> None:
+    """Queue a message on an asyncio socket from synchronous code, keeping send order; failures are logged
+    (and passed to `on_error`, e.g. to drop a peer whose connection is gone)."""
     frames = encode(message) if identity is None else [identity, *encode(message)]
     future = sock.send_multipart(frames, copy=False)
 
     def report(done) -> None:
         if not done.cancelled() and done.exception() is not None:
             _log.warning("could not send %s to %s: %s", type(message).__name__, what, done.exception())
+            if on_error is not None:
+                on_error(done.exception())
 
     future.add_done_callback(report)

@@ -149,7 +149,12 @@ class TokenizerPool:
             raise TokenizerUnavailable(f"no tokenizer process joined the pool within {self.join_timeout:.0f} s") from exc
 
     def _send(self, member: Member, message: object) -> None:
-        send_to_nowait(self.sock, member.identity, message, f"tokenizer {member.name}")
+        def on_error(exc: BaseException) -> None:
+            # Unroutable: its connection closed (process gone); no need to wait for the missed heartbeats.
+            if isinstance(exc, zmq.ZMQError) and exc.errno == zmq.EHOSTUNREACH:
+                self._leave(member.identity, "connection closed")
+
+        send_to_nowait(self.sock, member.identity, message, f"tokenizer {member.name}", on_error)
 
     # ------------------------------------------------------------------ tokenization
 
