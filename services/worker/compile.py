@@ -64,9 +64,10 @@ def warm_up(model: torch.nn.Module, cache: PagedKVCache, max_batch_size: int, ma
     for i, (name, decodes, prefill) in enumerate(shapes, 1):
         started = time.perf_counter()
         logger.info("PT2 compile warm-up %d/%d: %s ...", i, len(shapes), name)
-        batch, positions = _warm_up_batch(cache, decodes, prefill)
-        ids = torch.zeros_like(positions)
-        with torch.inference_mode(), forward_context(batch, cache):
-            model.logits(model(ids, positions))
+        # Inside inference mode, like the engine's steps: the guards check that inputs are inference tensors.
+        with torch.inference_mode():
+            batch, positions = _warm_up_batch(cache, decodes, prefill)
+            with forward_context(batch, cache):
+                model.logits(model(torch.zeros_like(positions), positions))
         logger.info("PT2 compile warm-up %d/%d done in %.1f s", i, len(shapes), time.perf_counter() - started)
     logger.info("PT2 compile warm-up finished in %.1f s", time.perf_counter() - total)
