@@ -1,10 +1,14 @@
 """`text-generation-launcher`: start and supervise the whole pipeline on one machine.
 
-Takes TGIS's launcher flags and env vars, starts 1 scheduler, the worker
-ranks, the tokenizer pool and 1 gateway, wired over ipc sockets in a private
-folder.  A dying tokenizer is replaced (the gateway moves its work to the
-others); any other child dying stops everything with a non-zero exit naming
-it.  SIGTERM/SIGINT stop the gateway first (it drains), then the rest; exit 0.
+Takes TGIS's launcher flags and env vars, starts `--num-replicas` model
+replicas (1 scheduler + the worker ranks each), the tokenizer pool and
+`--num-gateways` gateways (gRPC and HTTP ports counted up from --grpc-port and
+--port), wired over ipc sockets in a private folder or over loopback tcp ports
+(`--internal-transport tcp`).  Every tokenizer serves every gateway; every
+gateway routes over every replica.  A dying tokenizer is replaced (the
+gateways move its work to the others); any other child dying stops everything
+with a non-zero exit naming it.  SIGTERM/SIGINT stop the gateways first (they
+drain), then the rest; exit 0.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.config import knob, parse_config
+from services.common import links
+from services.common.config import knob
 from services.common.logs import setup_logging
 from services.common.model_path import DEMO_MODEL
 from services.gateway.tls import tls_files_error
+from services.launcher_wiring import Wiring, suffix
 from services.scheduler.admission import check_settings
 from services.worker.config import quantize_method, quantized_dtype
 
@@ -73,6 +79,9 @@ class LauncherConfig:
     otlp_endpoint: str | None = knob(None, "OTLP_ENDPOINT", "OpenTelemetry endpoint (not supported yet)")
     otlp_service_name: str | None = knob(None, "OTLP_SERVICE_NAME", "OpenTelemetry service name")
     num_tokenizers: int = knob(2, "NUM_TOKENIZERS", "tokenizer processes in the pool")
+    num_gateways: int = knob(1, "NUM_GATEWAYS", "gateway processes (gRPC on --grpc-port + i, HTTP on --port + i)")
+    num_replicas: int = knob(1, "NUM_REPLICAS", "model replicas: one scheduler and --num-shard worker ranks each")
+    internal_transport: str = knob("ipc", "INTERNAL_TRANSPORT", "links between the services: ipc (sockets in --ipc-dir) or tcp (loopback ports)")
     ipc_dir: str | None = knob(None, "IPC_DIR", "folder for the pipeline's ipc sockets (default: a new temp folder)")
     drain_grace_period: float = knob(30.0, "DRAIN_GRACE_PERIOD_S", "on SIGTERM, seconds in-flight requests get")
 
@@ -106,8 +115,11 @@ def check_config(config: LauncherConfig) -> None:
         raise SystemExit("cuda_process_memory_fraction must be in range 0 < x <= 1")
     if config.max_concurrent_requests <= 0:
         raise SystemExit("max_concurrent_requests must be > 0")
-    if config.num_tokenizers <= 0:
-        raise SystemExit("num_tokenizers must be > 0")
+    for name in ("num_tokenizers", "num_gateways", "num_replicas"):
+        if getattr(config, name) <= 0:
+            raise SystemExit(f"{name} must be > 0")
+    if config.internal_transport not in ("ipc", "tcp"):
+        raise SystemExit(f"internal_transport must be ipc or tcp, got {config.internal_transport!r}")
     try:
         check_settings(config.estimate_memory, config.batch_safety_margin)
         quantize_method(config.quantize)
@@ -152,13 +164,12 @@ class Launcher:
         self.own_ipc_dir = config.ipc_dir is None  # a temp folder of ours is removed at the end
         self.ipc_dir = Path(config.ipc_dir or tempfile.mkdtemp(prefix="tgis-pipeline-"))
         self.ipc_dir.mkdir(parents=True, exist_ok=True)
+        self.wiring = Wiring(config.internal_transport, self.ipc_dir, config.num_gateways, config.num_replicas,
+                             config.grpc_port, config.port, config.master_port)
         self.env = self._child_env(environ)
         self.children: list[Child] = []
         self.stopping = False
         self._tokenizer_ids = 0
-
-    def _endpoint(self, name: str) -> str:
-        return f"ipc://{self.ipc_dir / name}.sock"
 
     def _child_env(self, environ: dict[str, str]) -> dict[str, str]:
         c = self.config
@@ -179,8 +190,8 @@ class Launcher:
             "JSON_OUTPUT": c.json_output, "NUM_SHARD": self.num_shard, "WORLD_SIZE": self.num_shard,
             "MASTER_ADDR": c.master_addr, "MASTER_PORT": c.master_port,
             "DRAIN_GRACE_PERIOD_S": c.drain_grace_period,
-            "SCHEDULER_ENDPOINT": self._endpoint("scheduler"), "TOKENIZER_ENDPOINT": self._endpoint("tokenizers"),
-            "WORKER_STEP_ENDPOINT": self._endpoint("steps"), "WORKER_RESULT_ENDPOINT": self._endpoint("results"),
+            "TOKENIZER_ENDPOINT": self.wiring.tokenizer_env(),
+            **links.as_env(links.settings()),
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
             # One port per container in Kubernetes; here every child would try to bind the same one.
             "HEALTH_PORT": None,
@@ -201,15 +212,21 @@ class Launcher:
         return Child(name, self._module("services.tokenizer.main"), {**self.env, "TOKENIZER_NAME": name})
 
     def start(self) -> None:
-        self.children.append(Child("scheduler", self._module("services.scheduler.main"), self.env))
+        replicas = self.config.num_replicas
         # Ranks sharing this machine's CPU split its cores instead of each taking them all.
-        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // self.num_shard))
-        for rank in range(self.num_shard):
-            env = {**self.env, "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(self.num_shard),
-                   "OMP_NUM_THREADS": threads}
-            self.children.append(Child(f"worker-{rank}", self._module("services.worker.main"), env))
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // (self.num_shard * replicas)))
+        for r in range(replicas):
+            prefix = "" if r == 0 else f"replica-{r}-"
+            replica_env = {**self.env, **self.wiring.replica_env(r)}
+            self.children.append(Child(f"{prefix}scheduler", self._module("services.scheduler.main"), replica_env))
+            for rank in range(self.num_shard):
+                env = {**replica_env, "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(self.num_shard),
+                       "OMP_NUM_THREADS": threads}
+                self.children.append(Child(f"{prefix}worker-{rank}", self._module("services.worker.main"), env))
         self.children.extend(self._tokenizer() for _ in range(self.config.num_tokenizers))
-        self.children.append(Child("gateway", self._module("services.gateway.main"), self.env))
+        for g in range(self.config.num_gateways):
+            self.children.append(Child(f"gateway{suffix(g)}", self._module("services.gateway.main"),
+                                       {**self.env, **self.wiring.gateway_env(g)}))
         for child in self.children:
             child.start()
 
@@ -238,13 +255,16 @@ class Launcher:
     def stop(self) -> None:
         """Gateway first (it drains), then the rest; kill whatever is left after the grace period."""
         self.stopping = True
-        order = sorted(self.children, key=lambda c: c.name != "gateway")
+        order = sorted(self.children, key=lambda c: not c.name.startswith("gateway"))
         gateway_grace = self.config.drain_grace_period + 5
-        for child in order:
-            if child.process.poll() is None:
+        for child in order:  # the gateways drain together, then the rest stops
+            if child.process.poll() is None and child.name.startswith("gateway"):
                 child.process.send_signal(signal.SIGTERM)
-            if child.name == "gateway":
+        for child in order:
+            if child.name.startswith("gateway"):
                 self._wait(child, gateway_grace)
+            elif child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
         for child in order:
             self._wait(child, 8)
         if self.own_ipc_dir:
@@ -262,7 +282,7 @@ class Launcher:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging("launcher")
-    config = parse_config(LauncherConfig, argv, "Start the whole TGIS-compatible pipeline on this machine.")
+    config = links.parse_with_links(LauncherConfig, argv, "Start the whole TGIS-compatible pipeline on this machine.")
     check_config(config)
     from services.common.model_path import ModelNotFoundError, resolve_model_path
 
@@ -273,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
                   "`text-generation-server download-weights %s`)", exc, config.model_name)
         return 1
     launcher = Launcher(config, dict(os.environ))
-    log.info("model %s at %s; %d worker rank(s), %d tokenizer(s); sockets in %s", config.model_name, model_path,
-             launcher.num_shard, config.num_tokenizers, launcher.ipc_dir)
+    log.info("model %s at %s; %d replica(s) of %d worker rank(s), %d tokenizer(s), %d gateway(s); %s links%s",
+             config.model_name, model_path, config.num_replicas, launcher.num_shard, config.num_tokenizers,
+             config.num_gateways, config.internal_transport,
+             f" (sockets in {launcher.ipc_dir})" if config.internal_transport == "ipc" else "")
 
     def request_stop(signum, _frame) -> None:
         if not launcher.stopping:
