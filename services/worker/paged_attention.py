@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -51,6 +51,15 @@ class PagedBatch:
     decode_blocks: torch.Tensor | None  # [B, max_blocks] block tables (padded with each row's first block)
     decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size], True where a key exists
     chunks: list[PrefillChunk]
+    _decode_bias: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def decode_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """`decode_mask` as an additive mask (0 / -inf) in `dtype`, made once per pass: SDPA is about twice as
+        fast on CPU with a float mask than with a boolean one, which it would convert in every layer."""
+        if self._decode_bias is None or self._decode_bias.dtype != dtype:
+            zeros = torch.zeros(self.decode_mask.shape, dtype=dtype, device=self.decode_mask.device)
+            self._decode_bias = zeros.masked_fill_(~self.decode_mask, float("-inf"))
+        return self._decode_bias
 
     @classmethod
     def build(cls, block_size: int, tables: list[list[int]], starts: list[int], counts: list[int],
@@ -106,8 +115,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     if batch.num_decode:
         b = batch.num_decode
         keys, values = _gather(k_cache, batch.decode_blocks), _gather(v_cache, batch.decode_blocks)
-        mask = batch.decode_mask
-        if alibi_slopes is not None:  # each decode's query sits at its last key
+        if alibi_slopes is None:
+            mask = batch.decode_bias(q.dtype)
+        else:  # each decode's query sits at its last key
+            mask = batch.decode_mask
             key_pos = torch.arange(mask.shape[-1], device=q.device)
             mask = _alibi_mask(alibi_slopes, mask.sum(-1)[:, 0] - 1, key_pos, mask, q.dtype)
         out[:b] = F.scaled_dot_product_attention(
