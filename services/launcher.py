@@ -33,6 +33,7 @@ from services.gateway.tls import tls_files_error
 from services.launcher_wiring import Wiring, suffix
 from services.scheduler.admission import check_settings
 from services.worker.config import quantize_method, quantized_dtype
+from services.worker.frameworks import check_framework_name
 
 log = logging.getLogger("launcher")
 
@@ -45,7 +46,7 @@ ACCEPTED_NOT_USED = ("max_prefill_padding", "shard_uds_path",
 class LauncherConfig:
     model_name: str = knob(DEMO_MODEL, "MODEL_NAME", "hub model id (in the local HF cache) or a local folder")
     revision: str | None = knob(None, "REVISION", "model revision")
-    deployment_framework: str = knob("hf_transformers", "DEPLOYMENT_FRAMEWORK", "TGIS engine name (this pipeline has one engine)")
+    deployment_framework: str | None = knob(None, "DEPLOYMENT_FRAMEWORK", "engine: tgis_native, hf_transformers or hf_accelerate (unset: tgis_native when the model type has it, else hf_transformers; README: supported models)")
     dtype: str | None = knob(None, "DTYPE", "weights dtype")
     dtype_str: str | None = knob(None, "DTYPE_STR", "weights dtype (TGIS's other name for --dtype)")
     quantize: str | None = knob(None, "QUANTIZE", "weight-only quantization at load: none, int8 or int4 (matmuls in bfloat16)")
@@ -134,9 +135,10 @@ def check_config(config: LauncherConfig) -> None:
         if getattr(config, name) != defaults[name]:
             log.warning("--%s is set to %s but this pipeline does not use it yet; ignoring it",
                         name.replace("_", "-"), getattr(config, name))
-    if config.deployment_framework not in ("hf_transformers", "hf_accelerate", "tgis_native", "hf_custom_tp"):
-        log.warning("deployment framework %s is not available; using this pipeline's own engine",
-                    config.deployment_framework)
+    try:
+        check_framework_name(config.deployment_framework)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     for name in ("MAX_BATCH_WEIGHT", "MAX_PREFILL_WEIGHT"):
         if os.environ.get(name):
             log.warning("%s is set to %s but this parameter will be ignored.", name, os.environ[name])
@@ -177,6 +179,7 @@ class Launcher:
         settings = {
             "MODEL_NAME": c.model_name, "REVISION": c.revision, "DTYPE_STR": c.dtype_str or c.dtype or quantized_dtype(c.quantize),
             "QUANTIZE": c.quantize, "QUANTIZE_GROUP_SIZE": c.quantize_group_size,
+            "DEPLOYMENT_FRAMEWORK": c.deployment_framework,
             "PT2_COMPILE": c.pt2_compile,
             "MAX_SEQUENCE_LENGTH": c.max_sequence_length, "MAX_NEW_TOKENS": c.max_new_tokens,
             "MAX_BATCH_SIZE": c.max_batch_size, "MAX_WAITING_TOKENS": c.max_waiting_tokens,

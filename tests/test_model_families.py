@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,18 @@ from services.common.protocol import LogitsParams
 from services.worker.checkpoint import NO_SAFETENSORS, load_model
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
-from services.worker.kv_cache import PagedKVCache
 from services.worker.models import registry
-from services.worker.paged_attention import PagedBatch, forward_context
-from tests.families import EOS, TP_VARIANTS, VARIANTS, VOCAB, build_family_model, reference
+from services.worker.models.hf_transformers import HFCausalLM
+from tests.families import (
+    COMMON,
+    EOS,
+    TP_VARIANTS,
+    VARIANTS,
+    build_family_model,
+    expected_two_sequence_logits,
+    reference,
+    two_sequence_logits,
+)
 from tests.local_engine import LocalEngine
 
 CPU = torch.device("cpu")
@@ -35,47 +42,11 @@ def _path(family_models: dict[str, Path], tmp_path_factory, variant: str) -> Pat
     return family_models[variant]
 
 
-def _logits(model, cache: PagedKVCache, runs: list[tuple[torch.Tensor, int, int]], tables) -> torch.Tensor:
-    """Logits of the packed runs (tokens, start, count), decodes first, in the blocks `tables` list."""
-    ids = torch.cat([tokens[start: start + count] for tokens, start, count in runs])
-    positions = torch.cat([torch.arange(start, start + count) for _, start, count in runs])
-    batch = PagedBatch.build(cache.block_size, tables, [r[1] for r in runs], [r[2] for r in runs], CPU)
-    with forward_context(batch, cache):
-        return model.logits(model(ids, positions))
-
-
-def _two_sequences(model) -> torch.Tensor:
-    """Logits of sequences a (12 tokens) and b (9) in scattered blocks: both prefill 5 tokens, then b decodes
-    (first in each step) while a prefills a 4-token chunk and decodes; returns [a's 12 rows; b's 9 rows]."""
-    cache = PagedKVCache(model.args.num_layers, 16, 4, model.kv_heads_per_rank, model.args.head_dim,
-                         torch.float32, CPU)
-    a, b = _sequences()
-    tables = [[5, 0, 11], [9, 2, 14, 7]]  # b's, a's
-    rows = _logits(model, cache, [(b, 0, 5), (a, 0, 5)], tables)
-    out_b, out_a = [rows[:5]], [rows[5:]]
-    for step, (a_start, a_count) in enumerate([(5, 4), (9, 1), (10, 1), (11, 1)]):
-        rows = _logits(model, cache, [(b, 5 + step, 1), (a, a_start, a_count)], tables)
-        out_b.append(rows[:1])
-        out_a.append(rows[1:])
-    return torch.cat(out_a + out_b)
-
-
-def _sequences() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    return torch.randint(0, VOCAB, (12,), generator=gen), torch.randint(0, VOCAB, (9,), generator=gen)
-
-
-def _expected_two_sequences(ref) -> torch.Tensor:
-    a, b = _sequences()
-    with torch.no_grad():
-        return torch.cat([ref(a[None]).logits[0], ref(b[None]).logits[0]])
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_match_transformers(variant, family_models, tmp_path_factory):
     path = _path(family_models, tmp_path_factory, variant)
-    torch.testing.assert_close(_two_sequences(load_model(path, torch.float32, CPU)),
-                               _expected_two_sequences(reference(path)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(two_sequence_logits(load_model(path, torch.float32, CPU)),
+                               expected_two_sequence_logits(reference(path)), atol=1e-4, rtol=0)
 
 
 def _generate(ref, ids: list[int], count: int) -> list[int]:
@@ -100,7 +71,7 @@ def _tp_rank(rank: int, paths: dict[str, Path], init_file: Path, out: Path) -> N
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)
-        logits = {variant: _two_sequences(load_model(path, torch.float32, CPU, rank, 2))
+        logits = {variant: two_sequence_logits(load_model(path, torch.float32, CPU, rank, 2))
                   for variant, path in paths.items()}
         torch.save(logits, out / f"rank{rank}.pt")
     finally:
@@ -115,7 +86,7 @@ def test_tensor_parallel_matches_single_rank(family_models, tmp_path_factory, tm
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         for variant, path in paths.items():
-            expected = _two_sequences(load_model(path, torch.float32, CPU))
+            expected = two_sequence_logits(load_model(path, torch.float32, CPU))
             torch.testing.assert_close(result[variant], expected, atol=1e-5, rtol=0, msg=variant)
 
 
@@ -125,7 +96,7 @@ def test_int8_quantizes_every_linear_layer_of_the_family(variant, family_models,
     model = load_model(path, torch.float32, CPU, quantize="int8")
     linears = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     assert linears == []  # qkv, output, up and down of every layer, and the LM head
-    logits, expected = _two_sequences(model), _expected_two_sequences(reference(path))
+    logits, expected = two_sequence_logits(model), expected_two_sequence_logits(reference(path))
     assert (logits - expected).abs().max() < 0.05 * expected.abs().max()
 
 
@@ -147,10 +118,17 @@ def test_refined_web_configs_use_their_original_names():
     assert old_args.num_layers == new_args.num_layers == 2
 
 
-def test_bin_only_checkpoint_is_refused_with_tgis_message(family_models, tmp_path_factory, tmp_path):
-    source = _path(family_models, tmp_path_factory, "gpt2")
-    (tmp_path / "config.json").write_text((source / "config.json").read_text())
-    torch.save({"wte.weight": torch.zeros(2, 2)}, tmp_path / "pytorch_model.bin")
+def test_bin_only_checkpoint_needs_hf_transformers(tmp_path):
+    """tgis_native refuses a .bin-only model with TGIS's message; unset, the engine falls back to hf_transformers."""
+    import transformers
+
+    class_name, settings = VARIANTS["gpt2"]
+    torch.manual_seed(4)
+    ref = transformers.GPT2LMHeadModel(getattr(transformers, class_name)(**COMMON, **settings)).eval()
+    ref.config.save_pretrained(tmp_path)
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match=NO_SAFETENSORS):
-        load_model(tmp_path, torch.float32, CPU)
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gpt2"
+        load_model(tmp_path, torch.float32, CPU, framework="tgis_native")
+    model = load_model(tmp_path, torch.float32, CPU)
+    assert isinstance(model, HFCausalLM)
+    torch.testing.assert_close(two_sequence_logits(model), expected_two_sequence_logits(ref), atol=1e-4, rtol=0)

@@ -1,4 +1,8 @@
-"""Loading a checkpoint's safetensors into a `tgis_native` model, each rank taking its tensor-parallel shard.
+"""Loading the worker's model on the engine DEPLOYMENT_FRAMEWORK selects; `tgis_native` safetensors shard by shard.
+
+`load_model` picks the engine (`frameworks.py`); a `hf_transformers` model is
+transformers' own loading (`models/hf_transformers.py`), a `tgis_native` one
+is loaded here from safetensors, each rank taking its tensor-parallel shard.
 
 Our parameters have the same names in every family (`models/layers.py`); a
 family's `modules(args)` says which checkpoint module fills each of ours.
@@ -24,7 +28,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from services.worker.frameworks import NATIVE, choose_framework
 from services.worker.models.decoder import DecoderLM
+from services.worker.models.hf_transformers import load_hf_model
 from services.worker.models.layers import DecoderArgs
 from services.worker.models.registry import family
 from services.worker.quant import DEFAULT_GROUP_SIZE, quantize_model
@@ -103,10 +109,31 @@ def _shard(param: str, parts: list[torch.Tensor], args: DecoderArgs, rank: int, 
 
 
 def load_model(folder: Path, dtype: torch.dtype, device: torch.device, rank: int = 0, world_size: int = 1,
-               group=None, quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> DecoderLM:
-    """Build the model from `folder/config.json` (its family from the registry) and load this rank's shard of its
-    safetensors weights, then quantize its linear layers when `quantize` names a method (`quant.py`)."""
+               group=None, quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
+               framework: str | None = None) -> torch.nn.Module:
+    """The model of `folder` on the engine DEPLOYMENT_FRAMEWORK (`framework`) selects (`frameworks.py`): this
+    rank's shard of a `tgis_native` model, or a transformers model on the paged cache; its linear layers then
+    quantized when `quantize` names a method (`quant.py`)."""
     config = json.loads((folder / "config.json").read_text())
+    if config.get("is_encoder_decoder"):
+        raise ValueError(f"{config.get('model_type')} is an encoder-decoder model: not supported yet")
+    has_safetensors = any(folder.glob("*.safetensors"))
+    engine, why = choose_framework(framework, config.get("model_type"), has_safetensors, world_size)
+    logger.info("Engine %s for %s: %s", engine, config.get("model_type"), why)
+    if engine == NATIVE:
+        model = _load_native(folder, config, dtype, device, rank, world_size, group)
+    else:
+        model = load_hf_model(folder, dtype, device)
+    # After sharding: each rank quantizes its own slice (groups stay inside it).
+    if quantize_model(model, quantize, group_size) and dtype == torch.float32:
+        logger.warning("quantized matmuls run in bfloat16, but the embedding, norms, attention, the layers kept "
+                       "in float and the KV cache stay float32: DTYPE_STR=bfloat16 is faster")
+    return model.eval().requires_grad_(False)
+
+
+def _load_native(folder: Path, config: dict, dtype: torch.dtype, device: torch.device, rank: int, world_size: int,
+                 group) -> DecoderLM:
+    """Build the family's model from the registry and load this rank's shard of its safetensors weights."""
     impl = family(config.get("model_type"))
     args = impl.decoder_args(config)
     files = checkpoint_files(folder)  # before building: a folder without safetensors fails fast
@@ -144,8 +171,4 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, rank: int
                              f"expected {tuple(param.shape)}")
         with torch.no_grad():
             param.copy_(tensor)
-    # After sharding: each rank quantizes its own slice (groups stay inside it).
-    if quantize_model(model, quantize, group_size) and dtype == torch.float32:
-        logger.warning("quantized matmuls run in bfloat16, but the embedding, norms, attention, the layers kept "
-                       "in float and the KV cache stay float32: DTYPE_STR=bfloat16 is faster")
-    return model.eval().requires_grad_(False)
+    return model

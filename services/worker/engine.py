@@ -151,7 +151,8 @@ class Engine:
         logger.info("Loading %s from %s (%s on %s, rank %d of %d)", config.model_name, self.model_path,
                     str(self.dtype).removeprefix("torch."), self.device, config.rank, config.world_size)
         self.model = load_model(self.model_path, self.dtype, self.device, config.rank, config.world_size,
-                                quantize=config.quantize, group_size=config.quantize_group_size)
+                                quantize=config.quantize, group_size=config.quantize_group_size,
+                                framework=config.deployment_framework)
         args = self.model.args
         self.vocab_size = args.vocab_size
         self.cache = PagedKVCache.for_budget(
