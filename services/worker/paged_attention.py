@@ -111,7 +111,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, batch.slots, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, batch.slots, v)
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)  # contiguous, as the fake op below promises the compiler
     if batch.num_decode:
         b = batch.num_decode
         keys, values = _gather(k_cache, batch.decode_blocks), _gather(v_cache, batch.decode_blocks)
@@ -121,8 +121,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             mask = batch.decode_mask
             key_pos = torch.arange(mask.shape[-1], device=q.device)
             mask = _alibi_mask(alibi_slopes, mask.sum(-1)[:, 0] - 1, key_pos, mask, q.dtype)
-        out[:b] = F.scaled_dot_product_attention(
-            q[:b, :, None], keys, values, attn_mask=mask, enable_gqa=True)[:, :, 0]
+        decoded = F.scaled_dot_product_attention(q[:b, :, None], keys, values, attn_mask=mask, enable_gqa=True)
+        if not batch.chunks:  # a decode-only step (the common case): no output to assemble
+            return decoded[:, :, 0].contiguous()
+        out[:b] = decoded[:, :, 0]
     for chunk in batch.chunks:
         rows = slice(chunk.row, chunk.row + chunk.count)
         query = q[rows].transpose(0, 1)[None]
@@ -176,7 +178,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
 @_attention_op.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
       alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, like the real op's output
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
