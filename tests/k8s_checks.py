@@ -110,12 +110,31 @@ def check_addresses(docs: list[Doc]) -> list[str]:
             for key, value in env_of(container, config).items():
                 if "$(" in value:
                     problems.append(f"{where}/{container['name']}: {key}={value} references an undefined variable")
-                match = _TCP.match(value)
-                if not match or match.group(1) in LOCAL_HOSTS:
+                for item in value.split(","):  # endpoint lists: every gateway, every replica
+                    match = _TCP.match(item.strip())
+                    if not match or match.group(1) in LOCAL_HOSTS:
+                        continue
+                    host, port = match.group(1), int(match.group(2))
+                    if port not in services.get(host, set()):
+                        problems.append(f"{where}/{container['name']}: {key}={item} is no Service port of this stack")
+    return problems
+
+
+def check_discovery(docs: list[Doc]) -> list[str]:
+    """The Service tokenizers join is headless with not-ready pods, so its name resolves to every gateway pod."""
+    problems = []
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
+    config = config_data(docs)
+    for where, _, pod in pod_specs(docs):
+        for container in long_running(pod):
+            for item in env_of(container, config).get("TOKENIZER_ENDPOINT", "").split(","):
+                match = _TCP.match(item.strip())
+                if not match or match.group(1) in LOCAL_HOSTS or match.group(1) not in services:
                     continue
-                host, port = match.group(1), int(match.group(2))
-                if port not in services.get(host, set()):
-                    problems.append(f"{where}/{container['name']}: {key}={value} is no Service port of this stack")
+                spec = services[match.group(1)]["spec"]
+                if spec.get("clusterIP") != "None" or not spec.get("publishNotReadyAddresses"):
+                    problems.append(f"{where}/{container['name']}: Service {match.group(1)} must be headless and "
+                                    "publish not-ready pods, or tokenizers would miss gateways")
     return problems
 
 

@@ -25,7 +25,7 @@ from tests.k8s_checks import K8S, REPO
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed: manifests not rendered")
 
-# Native sidecars (the gateway's tokenizer) need 1.29; the newest schemas the validator ships.
+# The oldest Kubernetes the manifests support, and the newest schemas the validator ships.
 KUBERNETES_VERSIONS = ("1.29.0", "latest")
 STACKS = sorted(str(p.parent.relative_to(K8S)) for p in K8S.glob("*/*/kustomization.yaml")
                 if p.parts[-3] in ("overlays", "models"))
@@ -49,7 +49,7 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
 def test_the_expected_overlays_exist():
     assert {"overlays/cpu-demo", "overlays/gpu", "overlays/gpu-tp2", "overlays/tls", "overlays/stack-b"} <= set(STACKS)
     assert any(s.startswith("models/") for s in STACKS)
-    assert {"tls", "mtls", "shm", "service-monitor"} <= set(COMPONENTS)
+    assert {"tls", "mtls", "shm", "service-monitor", "curve"} <= set(COMPONENTS)
 
 
 @needs_kubectl
@@ -73,7 +73,7 @@ def test_every_object_passes_the_strict_schema(rendered, version):
 
 @needs_kubectl
 @pytest.mark.parametrize("check", [checks.check_services, checks.check_addresses, checks.check_containers,
-                                   checks.check_autoscaling, checks.check_network_policies],
+                                   checks.check_autoscaling, checks.check_network_policies, checks.check_discovery],
                          ids=lambda f: f.__name__)
 def test_every_stack_is_wired_and_safe(rendered, check):
     problems = [f"{stack}: {p}" for stack, docs in rendered.items() for p in check(docs)]
