@@ -149,12 +149,14 @@ def test_tokenizations_overtake_a_long_detail_request(demo_model_path, tmp_path)
     worker = WorkThread(ctx, f"ipc://{tmp_path}/replies.sock", service)
     worker.start()
     try:
-        worker.put(DetokOpen("big", DetokParams([], True, True, 2)))
-        worker.put(DetokTokens([DetokItem("big", 0, token_ids([5]), piece_ids=token_ids([7] * 1_000_000))]))
+        # Replies come back after the key of the gateway link that asked.
+        worker.put(b"gw", DetokOpen("big", DetokParams([], True, True, 2)))
+        worker.put(b"gw", DetokTokens([DetokItem("big", 0, token_ids([5]), piece_ids=token_ids([7] * 1_000_000))]))
         time.sleep(0.05)  # the detail request is under way
-        worker.put(Tokenize(9, ["small"]))
-        order = [type(decode(replies.recv_multipart())).__name__ for _ in range(2)]
-        assert order == ["TokenizeResult", "DetokResult"]
+        worker.put(b"gw", Tokenize(9, ["small"]))
+        replies_in_order = [replies.recv_multipart() for _ in range(2)]
+        assert {r[0] for r in replies_in_order} == {b"gw"}
+        assert [type(decode(r[1:])).__name__ for r in replies_in_order] == ["TokenizeResult", "DetokResult"]
     finally:
         worker.stop()
         replies.close(linger=0)
