@@ -16,6 +16,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from services.server_cli import build_parser
 from tests import k8s_checks as checks
@@ -47,7 +48,8 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
 
 
 def test_the_expected_overlays_exist():
-    assert {"overlays/cpu-demo", "overlays/gpu", "overlays/gpu-tp2", "overlays/tls", "overlays/stack-b"} <= set(STACKS)
+    assert {"overlays/cpu-demo", "overlays/gpu", "overlays/gpu-tp2", "overlays/tls", "overlays/stack-b",
+            "overlays/two-replicas"} <= set(STACKS)
     assert any(s.startswith("models/") for s in STACKS)
     assert {"tls", "mtls", "shm", "service-monitor", "curve"} <= set(COMPONENTS)
 
@@ -110,6 +112,22 @@ def test_a_second_stack_is_independent(rendered):
     gateway = next(d for d in b if d["kind"] == "Deployment" and d["metadata"]["name"] == "b-gateway")
     env = {e["name"]: e["value"] for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
     assert env["SCHEDULER_HOST"] == "b-scheduler"
+
+
+@needs_kubectl
+def test_the_second_replica_is_the_first_under_its_own_names_and_every_gateway_routes_to_both(rendered):
+    docs = rendered["overlays/two-replicas"]
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+
+    def normalized(name: str) -> str:
+        text = yaml.safe_dump(deployments[name]["spec"])
+        return text.replace("replica: b", "replica: a").replace("value: scheduler-b", "value: scheduler")
+
+    assert normalized("scheduler-b") == normalized("scheduler") and normalized("worker-b") == normalized("worker")
+    worker_b = checks.env_of(deployments["worker-b"]["spec"]["template"]["spec"]["containers"][0], {})
+    assert worker_b["WORKER_STEP_ENDPOINT"] == "tcp://scheduler-b:5561"
+    gateway = checks.env_of(deployments["gateway"]["spec"]["template"]["spec"]["containers"][0], {})
+    assert gateway["SCHEDULER_ENDPOINT"] == "tcp://scheduler:5550,tcp://scheduler-b:5550"
 
 
 @needs_kubectl
