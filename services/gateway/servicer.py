@@ -261,7 +261,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         params = generation.params
         # A request that timed out in the queue answers with empty text even when input_text was asked for.
         if params.input_text and final.count > 0:
-            text = input_text + text
+            # TGIS separates an encoder-decoder model's input from its output (unary calls only).
+            text = input_text + ("\n\n" if self.model.encoder_decoder else "") + text
         return pb.GenerationResponse(
             input_token_count=generation.input.input_length, generated_token_count=final.count, text=text,
             stop_reason=int(final.stop_reason), stop_sequence=final.stop_sequence, seed=generation.input.seed,

@@ -32,7 +32,8 @@ from services.worker.frameworks import NATIVE, choose_framework
 from services.worker.models.decoder import DecoderLM
 from services.worker.models.hf_transformers import load_hf_model
 from services.worker.models.layers import DecoderArgs
-from services.worker.models.registry import family
+from services.worker.models.registry import ENCODER_DECODER_TYPES, family
+from services.worker.models.t5 import T5Args, T5ForConditionalGeneration
 from services.worker.quant import DEFAULT_GROUP_SIZE, quantize_model
 
 logger = logging.getLogger(__name__)
@@ -115,15 +116,19 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, rank: int
     rank's shard of a `tgis_native` model, or a transformers model on the paged cache; its linear layers then
     quantized when `quantize` names a method (`quant.py`)."""
     config = json.loads((folder / "config.json").read_text())
-    if config.get("is_encoder_decoder"):
-        raise ValueError(f"{config.get('model_type')} is an encoder-decoder model: not supported yet")
+    model_type = config.get("model_type")
     has_safetensors = any(folder.glob("*.safetensors"))
-    engine, why = choose_framework(framework, config.get("model_type"), has_safetensors, world_size)
-    logger.info("Engine %s for %s: %s", engine, config.get("model_type"), why)
-    if engine == NATIVE:
-        model = _load_native(folder, config, dtype, device, rank, world_size, group)
-    else:
+    engine, why = choose_framework(framework, model_type, has_safetensors, world_size)
+    logger.info("Engine %s for %s: %s", engine, model_type, why)
+    if config.get("is_encoder_decoder") and (engine != NATIVE or model_type not in ENCODER_DECODER_TYPES):
+        raise ValueError(f"{model_type} is an encoder-decoder model: only tgis_native serves those "
+                         f"({', '.join(ENCODER_DECODER_TYPES)}, with safetensors weights)")
+    if engine != NATIVE:
         model = load_hf_model(folder, dtype, device)
+    elif model_type in ENCODER_DECODER_TYPES:
+        model = _load_t5(folder, config, dtype, device, rank, world_size, group)
+    else:
+        model = _load_native(folder, config, dtype, device, rank, world_size, group)
     # After sharding: each rank quantizes its own slice (groups stay inside it).
     if quantize_model(model, quantize, group_size) and dtype == torch.float32:
         logger.warning("quantized matmuls run in bfloat16, but the embedding, norms, attention, the layers kept "
@@ -150,25 +155,56 @@ def _load_native(folder: Path, config: dict, dtype: torch.dtype, device: torch.d
         model.alibi_slopes = model.alibi_slopes.to(device)
     modules = impl.modules(args)
     transposed = config["model_type"] in getattr(impl, "TRANSPOSED_TYPES", ())
-    handles: dict[Path, object] = {}
-
-    def read(name: str) -> torch.Tensor:
-        if name not in files:  # some hub checkpoints (BLOOM, GPT-2) drop the base model's prefix
-            name = name.partition(".")[2]
-        if name not in files:
-            raise ValueError(f"weight {name} missing from the checkpoint in {folder}")
-        if files[name] not in handles:
-            handles[files[name]] = safe_open(files[name], framework="pt", device="cpu")
-        return handles[files[name]].get_tensor(name)
-
+    read = _Reader(folder, files)
     for name, param in model.named_parameters():  # a tied lm_head appears once, as the embedding
         parts = [read(source) for source in checkpoint_sources(name, modules)]
         if transposed and name.startswith("model.layers.") and parts[0].dim() == 2:
             parts = [part.t() for part in parts]
-        tensor = _shard(name, parts, args, rank, world_size)
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"weight {name} has shape {tuple(tensor.shape)} in the checkpoint, "
-                             f"expected {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(tensor)
+        _copy(name, param, _shard(name, parts, args, rank, world_size))
     return model
+
+
+def _load_t5(folder: Path, config: dict, dtype: torch.dtype, device: torch.device, rank: int, world_size: int,
+             group) -> T5ForConditionalGeneration:
+    """T5 from its safetensors (HF names): q/k/v/wi rows and o/wo/relative-bias columns split by rank."""
+    args = T5Args.from_config(config)
+    files = checkpoint_files(folder)
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(args, rank, world_size, group).to(dtype)
+    model.to_empty(device=device)
+    if "lm_head.weight" not in files:  # tied to the shared embedding
+        model.lm_head.weight = model.shared.weight
+    read = _Reader(folder, files)
+    for name, param in model.named_parameters():
+        tensor, module = read(name), name.split(".")[-2]
+        if module in ("q", "k", "v", "wi", "wi_0", "wi_1"):
+            tensor = tensor.chunk(world_size)[rank]
+        elif module in ("o", "wo", "relative_attention_bias"):
+            tensor = tensor.chunk(world_size, dim=1)[rank]
+        _copy(name, param, tensor)
+    model.distance_bias = model.decoder_bias_table()
+    return model
+
+
+class _Reader:
+    """Reads checkpoint tensors by name, opening each safetensors file once."""
+
+    def __init__(self, folder: Path, files: dict[str, Path]) -> None:
+        self.folder, self.files, self.handles = folder, files, {}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.files:  # some hub checkpoints (BLOOM, GPT-2) drop the base model's prefix
+            name = name.partition(".")[2]
+        if name not in self.files:
+            raise ValueError(f"weight {name} missing from the checkpoint in {self.folder}")
+        if self.files[name] not in self.handles:
+            self.handles[self.files[name]] = safe_open(self.files[name], framework="pt", device="cpu")
+        return self.handles[self.files[name]].get_tensor(name)
+
+
+def _copy(name: str, param: torch.nn.Parameter, tensor: torch.Tensor) -> None:
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ValueError(f"weight {name} has shape {tuple(tensor.shape)} in the checkpoint, "
+                         f"expected {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(tensor)

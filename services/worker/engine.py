@@ -45,6 +45,7 @@ from services.worker.sampling import (
     process,
     token_detail,
 )
+from services.worker.seq2seq import run_encoder_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class Sequence:
     seen: torch.Tensor | None = None  # [vocab] ids in prompt and output, kept only for the repetition penalty
     details_sent: bool = field(default=False)
     prefix: torch.Tensor | None = None  # prompt prefix embeddings replacing those of the first prefix positions
+    cross: list | None = None  # encoder-decoder models: the encoder output's cross-attention K/V (seq2seq.py)
 
 
 @dataclass
@@ -159,16 +161,19 @@ class Engine:
             budget_bytes(config.kv_cache_memory, self.device), self.max_sequence_length, args.num_layers,
             config.kv_block_size, self.model.kv_heads_per_rank, args.head_dim, self.dtype, self.device)
         self.sequences: dict[str, Sequence] = {}
+        self.encoder_decoder = getattr(self.model, "encoder_decoder", False)
         self.prefixes = open_store(config.prefix_store_path, config.prompt_cache_size_mb,
                                    config.max_prompt_prefix_length, args.hidden_size, self.dtype,
                                    self.max_sequence_length)
-        if pt2_compile_enabled(config.pt2_compile):
+        if pt2_compile_enabled(config.pt2_compile) and self.encoder_decoder:
+            logger.warning("PT2_COMPILE is not applied to encoder-decoder models: they run eagerly")
+        elif pt2_compile_enabled(config.pt2_compile):
             compile_model(self.model)
             warm_up(self.model, self.cache, config.max_batch_size, min(WARM_UP_PREFILL, self.max_sequence_length - 1))
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(
-            model_name=self.config.model_name, model_path=str(self.model_path), encoder_decoder=False,
+            model_name=self.config.model_name, model_path=str(self.model_path), encoder_decoder=self.encoder_decoder,
             vocab_size=self.vocab_size, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
             max_sequence_length=self.max_sequence_length, max_new_tokens=self.max_new_tokens,
             max_batch_size=self.config.max_batch_size, world_size=self.config.world_size,
@@ -217,6 +222,8 @@ class Engine:
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise StepError(f"token ids outside the vocabulary (0..{self.vocab_size - 1})")
         prefix = None
+        if new.prefix_id and self.encoder_decoder:  # encoder/decoder prompt prefixes are not wired into T5 yet
+            raise StepError(f"Error retrieving prompt prefix '{new.prefix_id}'")
         if new.prefix_id:
             try:
                 prefix = load_prefix(self.prefixes, new.prefix_id, new.prefix_length, self.device)
@@ -225,7 +232,9 @@ class Engine:
         seen = None
         if new.logits.repetition_penalty != 1.0:
             seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-            seen[torch.tensor(ids, device=self.device)] = True
+            # Seq2seq: decoder ids only (the decoder start token), not the encoder input.
+            history = [self.model.args.decoder_start_token_id] if self.encoder_decoder else ids
+            seen[torch.tensor(history, device=self.device)] = True
         self.sequences[new.request_id] = Sequence(new.request_id, new.logits, make_generator(new.logits, self.device),
                                                   ids, len(ids), seen=seen, prefix=prefix)
 
@@ -251,6 +260,8 @@ class Engine:
     # ------------------------------------------------------------------ forward and sampling
 
     def _run(self, planned: list[Planned]) -> list[SequenceOutput]:
+        if self.encoder_decoder:
+            return run_encoder_decoder(self, planned)
         # Decodes (one token after position 0) first: they attend in one batched call.
         planned.sort(key=lambda p: not (p.chunk.count == 1 and p.chunk.start > 0))
         ids, positions = [], []

@@ -92,35 +92,43 @@ def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return gathered.flatten(-4, -3).transpose(-3, -2)
 
 
-def _alibi_mask(slopes: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor, allowed: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [..., heads, Q, K] from query positions [..., Q] and key positions [K]: slope * (key - query)
-    where `allowed` (broadcast to it), else -inf."""
-    bias = slopes[:, None, None] * (key_pos[..., None, :] - query_pos[..., :, None])[..., None, :, :]
+def _position_mask(slopes: torch.Tensor | None, table: torch.Tensor | None, query_pos: torch.Tensor,
+                   key_pos: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [..., heads, Q, K] from query positions [..., Q] and key positions [K] where `allowed`
+    (broadcast to it), else -inf: ALiBi's slope * (key - query), or a bias `table` [heads, D] looked up by the
+    distance query - key (clamped to D - 1)."""
+    relative = key_pos[..., None, :] - query_pos[..., :, None]  # [..., Q, K]
+    if slopes is not None:
+        bias = slopes[:, None, None] * relative[..., None, :, :]
+    else:
+        bias = table.T[(-relative).clamp(0, table.shape[1] - 1)].movedim(-1, -3)
     return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, batch: PagedBatch, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                    v_cache: torch.Tensor, batch: PagedBatch, alibi_slopes: torch.Tensor | None = None,
+                    position_bias: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, heads, d], k/v [T, kv_heads, d] of the packed tokens -> attention output [T, heads, d].
 
     Writes k/v into the caches at `batch.slots` first, so chunks and decodes
     of the same pass see each other's keys where their tables share blocks.
     With `alibi_slopes` [heads] (float32), scores get slope * (key position -
-    query position) added (BLOOM, MPT).
+    query position) added (BLOOM, MPT); with `position_bias` [heads, D]
+    (float32), its entry for the distance query - key (T5's decoder).
     """
+    positional = alibi_slopes is not None or position_bias is not None
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, batch.slots, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, batch.slots, v)
     out = q.new_empty(q.shape)  # contiguous, as the fake op below promises the compiler
     if batch.num_decode:
         b = batch.num_decode
         keys, values = _gather(k_cache, batch.decode_blocks), _gather(v_cache, batch.decode_blocks)
-        if alibi_slopes is None:
+        if not positional:
             mask = batch.decode_bias(q.dtype)
         else:  # each decode's query sits at its last key
             mask = batch.decode_mask
             key_pos = torch.arange(mask.shape[-1], device=q.device)
-            mask = _alibi_mask(alibi_slopes, mask.sum(-1)[:, 0] - 1, key_pos, mask, q.dtype)
+            mask = _position_mask(alibi_slopes, position_bias, mask.sum(-1)[:, 0] - 1, key_pos, mask, q.dtype)
         decoded = F.scaled_dot_product_attention(q[:b, :, None], keys, values, attn_mask=mask, enable_gqa=True)
         if not batch.chunks:  # a decode-only step (the common case): no output to assemble
             return decoded[:, :, 0].contiguous()
@@ -128,7 +136,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     for chunk in batch.chunks:
         rows = slice(chunk.row, chunk.row + chunk.count)
         query = q[rows].transpose(0, 1)[None]
-        if chunk.start == 0 and alibi_slopes is None:
+        if chunk.start == 0 and not positional:
             keys, values = k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None]
             result = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
         else:
@@ -138,8 +146,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             positions = torch.arange(chunk.start, end, device=q.device)
             key_pos = torch.arange(end, device=q.device)
             mask = key_pos[None] <= positions[:, None]
-            if alibi_slopes is not None:
-                mask = _alibi_mask(alibi_slopes, positions, key_pos, mask, q.dtype)
+            if positional:
+                mask = _position_mask(alibi_slopes, position_bias, positions, key_pos, mask, q.dtype)
             result = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
         out[rows] = result[0].transpose(0, 1)
     return out
@@ -160,31 +168,34 @@ def forward_context(batch: PagedBatch, cache: PagedKVCache) -> Iterator[None]:
 
 
 def _attend_in_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-                       alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                       alibi_slopes: torch.Tensor | None = None,
+                       position_bias: torch.Tensor | None = None) -> torch.Tensor:
     if _context is None:
         raise RuntimeError("attend() called outside forward_context()")
     batch, cache = _context
-    return paged_attention(q, k, v, cache.k[layer], cache.v[layer], batch, alibi_slopes)
+    return paged_attention(q, k, v, cache.k[layer], cache.v[layer], batch, alibi_slopes, position_bias)
 
 
 @torch.library.custom_op("tgis::paged_attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-                  alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045 (schema inference)
+                  alibi_slopes: Optional[torch.Tensor] = None,  # noqa: UP045 (schema inference)
+                  position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045
     # Writes the cache of the forward context as a side effect: the cache is no input of a compiled graph, and
     # each layer's call depends on the previous layer's output, so the compiler can neither drop nor reorder it.
-    return _attend_in_context(q, k, v, layer, alibi_slopes)
+    return _attend_in_context(q, k, v, layer, alibi_slopes, position_bias)
 
 
 @_attention_op.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-      alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045
+      alibi_slopes: Optional[torch.Tensor] = None,  # noqa: UP045
+      position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045
     return q.new_empty(q.shape)  # contiguous, like the real op's output
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+           alibi_slopes: torch.Tensor | None = None, position_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Paged attention of `layer` for the current forward context's batch: q [T, heads, d], k/v [T, kv_heads, d];
-    `alibi_slopes` [heads] adds ALiBi position biases."""
+    `alibi_slopes` [heads] adds ALiBi position biases, `position_bias` [heads, D] a bias by distance (T5)."""
     if torch.compiler.is_compiling():
-        return _attention_op(q, k, v, layer, alibi_slopes)
-    return _attend_in_context(q, k, v, layer, alibi_slopes)  # eager: skip the op dispatcher's overhead
+        return _attention_op(q, k, v, layer, alibi_slopes, position_bias)
+    return _attend_in_context(q, k, v, layer, alibi_slopes, position_bias)  # eager: skip the op dispatcher

@@ -4,8 +4,9 @@ Every decoder family is a short module (`models/<family>.py`) with the same
 three names: `MODEL_TYPES`, `decoder_args(config) -> DecoderArgs` (the
 traits `layers.py` builds from) and `modules(args)` (our module path ->
 the checkpoint's, per layer with `{i}`); optionally `TRANSPOSED_TYPES`, the
-model types storing projections as [in, out].  Families are imported only
-when used.
+model types storing projections as [in, out].  Encoder-decoder types (T5)
+have a model class and loader of their own (`models/t5.py`,
+`checkpoint._load_t5`).  Families are imported only when used.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ MODEL_TYPES = {
     "falcon": "falcon", "RefinedWeb": "falcon", "RefinedWebModel": "falcon",
     "bloom": "bloom",
     "mpt": "mpt",
+    "t5": "t5",
 }
+# Encoder-decoder types: their module has its own model class and loader (`checkpoint._load_t5`).
+ENCODER_DECODER_TYPES = ("t5",)
 
 
 def supported(model_type: str | None) -> bool:

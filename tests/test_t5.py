@@ -1,0 +1,137 @@
+"""T5 on the paged engine against transformers on the same random weights: logits, generate(), TGIS's seq2seq rules."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from services.common.protocol import LogitsParams, NewSequence, ScheduledChunk, Step, token_ids
+from services.worker.checkpoint import load_model
+from services.worker.config import WorkerConfig
+from services.worker.engine import Engine
+from services.worker.kv_cache import PagedKVCache
+from services.worker.paged_attention import PagedBatch, forward_context
+from tests.local_engine import LocalEngine
+
+CPU = torch.device("cpu")
+VOCAB, EOS, NEW = 256, 1, 8
+PROMPTS = {"a": [5, 17, 42, 99, 3, 250, 7, EOS], "b": [11, 2, EOS], "c": [*range(30, 50), EOS]}
+# t5: ReLU MLP, output scaled before the tied LM head; flan: gated GELU (T5 v1.1), no scaling.
+VARIANTS = {"t5": {"feed_forward_proj": "relu"},
+            "flan": {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}}
+
+
+def build_t5(target: Path, seed: int = 0, **settings) -> Path:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=EOS, **settings)
+    torch.manual_seed(seed)
+    T5ForConditionalGeneration(config).eval().save_pretrained(target)
+    return target
+
+
+def _reference(path: Path):
+    from transformers import T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def t5_path(request, tmp_path_factory) -> Path:
+    return build_t5(tmp_path_factory.mktemp(request.param), seed=1, **VARIANTS[request.param])
+
+
+def _decoder_logits(model, encoder_ids: torch.Tensor, decoder_ids: torch.Tensor) -> torch.Tensor:
+    """Our logits of every decoder position: the first three in one chunk, then decodes, in scattered blocks."""
+    cross = model.encode(encoder_ids)
+    cache = PagedKVCache(model.args.num_layers, 8, 4, model.kv_heads_per_rank, model.args.head_dim,
+                         torch.float32, CPU)
+    out, table = [], [6, 2, 5]
+    for start, count in [(0, 3), *((p, 1) for p in range(3, len(decoder_ids)))]:
+        batch = PagedBatch.build(4, [table], [start], [count], CPU)
+        with forward_context(batch, cache):
+            hidden = model.decode(decoder_ids[start: start + count], torch.arange(start, start + count),
+                                  [(0, count, cross)])
+        out.append(model.logits(hidden))
+    return torch.cat(out)
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(2, VOCAB, (9,), generator=gen), torch.cat([torch.zeros(1, dtype=torch.long),
+                                                                     torch.randint(2, VOCAB, (6,), generator=gen)])
+
+
+def test_logits_match_transformers(t5_path):
+    model, ref = load_model(t5_path, torch.float32, CPU), _reference(t5_path)
+    encoder_ids, decoder_ids = _inputs()
+    with torch.no_grad():
+        expected = ref(input_ids=encoder_ids[None], decoder_input_ids=decoder_ids[None]).logits[0]
+    torch.testing.assert_close(_decoder_logits(model, encoder_ids, decoder_ids), expected, atol=1e-4, rtol=0)
+
+
+def _generate(ref, ids: list[int], **kwargs) -> list[int]:
+    # use_cache=False: transformers 5.24 sizes T5's generation cache by encoder layers (3 decoder layers here).
+    out = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                       do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW, use_cache=False, **kwargs)
+    return out[0, 1:].tolist()  # after the decoder start token
+
+
+def _engine(path: Path) -> Engine:
+    return Engine(WorkerConfig(model_name=str(path), device="cpu", kv_cache_memory="16MiB", kv_block_size=4))
+
+
+def test_greedy_equals_generate_singly_batched_chunked_and_preempted(t5_path):
+    ref, engine = _reference(t5_path), _engine(t5_path)
+    assert engine.model_info().encoder_decoder
+    expected = {rid: _generate(ref, ids) for rid, ids in PROMPTS.items()}
+    params = LogitsParams(min_new_tokens=NEW)
+    assert LocalEngine(engine, prefix_caching=False).generate({"a": PROMPTS["a"]}, NEW, params) == {"a": expected["a"]}
+    # Encoder inputs arrive in 4-token chunks beside other sequences' decodes.
+    chunked = LocalEngine(engine, prefix_caching=False, max_prefill_tokens=4)
+    assert chunked.generate(PROMPTS, NEW, params) == expected
+    # Too few blocks for all three at once: some are preempted and recomputed from their first position.
+    tight = LocalEngine(engine, prefix_caching=False, num_blocks=10)
+    assert tight.generate(PROMPTS, NEW, params) == expected
+    assert tight.counters["preemptions"] > 0
+
+
+def test_repetition_penalty_sees_decoder_ids_only(t5_path):
+    ref, engine = _reference(t5_path), _engine(t5_path)
+    got = LocalEngine(engine, prefix_caching=False).generate(
+        {"c": PROMPTS["c"]}, NEW, LogitsParams(min_new_tokens=NEW, repetition_penalty=2.0))
+    assert got["c"] == _generate(ref, PROMPTS["c"], repetition_penalty=2.0)
+
+
+def test_input_details_are_encoder_ids_with_nan_logprobs(t5_path):
+    engine, ids = _engine(t5_path), PROMPTS["a"]
+    params = LogitsParams(input_details=True, token_logprobs=True, token_ranks=True, top_n_tokens=2)
+    result = engine.step(Step(1, [NewSequence("r", token_ids(ids), params)], [],
+                              [ScheduledChunk("r", 0, len(ids), token_ids([0, 1]))]))
+    details = result.outputs[0].input_details
+    assert [d.token_id for d in details] == ids
+    assert all(math.isnan(d.logprob) and d.rank == 0 and not len(d.top_ids) for d in details)
+
+
+def _tp_rank(rank: int, path: Path, init_file: Path, out: Path) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        model = load_model(path, torch.float32, CPU, rank, 2)
+        torch.save(_decoder_logits(model, *_inputs()), out / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_tensor_parallel_matches_single_rank(tmp_path, monkeypatch):
+    path = build_t5(tmp_path / "model", seed=2, **VARIANTS["flan"])
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_tp_rank, args=(path, tmp_path / "rendezvous", tmp_path), nprocs=2, join=True)
+    expected = _decoder_logits(load_model(path, torch.float32, CPU), *_inputs())
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected, atol=1e-5, rtol=0)
