@@ -51,6 +51,9 @@ class LauncherConfig:
     dtype_str: str | None = knob(None, "DTYPE_STR", "weights dtype (TGIS's other name for --dtype)")
     quantize: str | None = knob(None, "QUANTIZE", "weight-only quantization at load: none, int8 or int4 (matmuls in bfloat16)")
     quantize_group_size: int = knob(32, "QUANTIZE_GROUP_SIZE", "int4: input columns per scale/zero pair")
+    prefix_store_path: str | None = knob(None, "PREFIX_STORE_PATH", "folder of tuned prompt prefixes, one sub-folder per prefix_id (unset: prefixes off)")
+    prompt_cache_size_mb: int = knob(512, "PROMPT_CACHE_SIZE_MB", "MiB of prompt prefixes kept loaded, per gateway and per worker rank")
+    max_prompt_prefix_length: int | None = knob(None, "MAX_PROMPT_PREFIX_LENGTH", "longest prompt prefix in virtual tokens (default: half of max_sequence_length)")
     pt2_compile: str | None = knob(None, "PT2_COMPILE", "torch.compile the workers' forward pass: any value but false (start-up compiles for minutes)")
     num_shard: int | None = knob(None, "NUM_SHARD", "worker ranks (tensor parallel degree)")
     max_concurrent_requests: int = knob(512, "MAX_CONCURRENT_REQUESTS", "inputs in flight before 'Model is overloaded'")
@@ -179,7 +182,8 @@ class Launcher:
         settings = {
             "MODEL_NAME": c.model_name, "REVISION": c.revision, "DTYPE_STR": c.dtype_str or c.dtype or quantized_dtype(c.quantize),
             "QUANTIZE": c.quantize, "QUANTIZE_GROUP_SIZE": c.quantize_group_size,
-            "DEPLOYMENT_FRAMEWORK": c.deployment_framework,
+            "DEPLOYMENT_FRAMEWORK": c.deployment_framework, "PREFIX_STORE_PATH": c.prefix_store_path,
+            "PROMPT_CACHE_SIZE_MB": c.prompt_cache_size_mb, "MAX_PROMPT_PREFIX_LENGTH": c.max_prompt_prefix_length,
             "PT2_COMPILE": c.pt2_compile,
             "MAX_SEQUENCE_LENGTH": c.max_sequence_length, "MAX_NEW_TOKENS": c.max_new_tokens,
             "MAX_BATCH_SIZE": c.max_batch_size, "MAX_WAITING_TOKENS": c.max_waiting_tokens,
