@@ -244,7 +244,8 @@ class SchedulerProcess:
 
     def _on_gateway(self, gateway: bytes, message: object) -> None:
         if isinstance(message, GatewayHello):
-            log.info("gateway %s connected", message.gateway_id)
+            if gateway not in self.known_gateways:  # it says hello every second until this replica is ready
+                log.info("gateway %s connected", message.gateway_id)
             self.known_gateways.add(gateway)
             if self.workers_ready:
                 self._send_gateway(gateway, self._info())
