@@ -100,5 +100,19 @@ def test_refusals_at_load(tmp_path):
         load_model(opt, torch.float32, CPU, framework="tgis_native")
     (tmp_path / "t5").mkdir()
     (tmp_path / "t5" / "config.json").write_text('{"model_type": "t5", "is_encoder_decoder": true}')
-    with pytest.raises(ValueError, match="t5 is an encoder-decoder model: not supported yet"):
+    with pytest.raises(ValueError, match="t5 is an encoder-decoder model: only tgis_native serves those"):
         load_model(tmp_path / "t5", torch.float32, CPU)
+
+
+@pytest.mark.parametrize("variant", ["mistral", "qwen2", "gpt_neox", "gpt2", "gpt_bigcode", "falcon", "bloom", "mpt"])
+def test_native_families_on_hf_transformers(variant, tmp_path):
+    """Families with a native implementation run on hf_transformers too where transformers lets their attention
+    be replaced; the others are refused at load."""
+    path = build_family_model(variant, tmp_path / variant, seed=10)
+    if variant in ("falcon", "bloom", "mpt"):
+        with pytest.raises(ValueError, match="its attention does not go through transformers' attention interface"):
+            load_model(path, torch.float32, CPU, framework="hf_transformers")
+        return
+    model = load_model(path, torch.float32, CPU, framework="hf_transformers")
+    torch.testing.assert_close(two_sequence_logits(model), expected_two_sequence_logits(reference(path)),
+                               atol=1e-4, rtol=0)

@@ -18,7 +18,7 @@ PAD = 0
 PROMPTS = {"x": [5, 17, 42, 99, 3], "y": [11, 2, 200, 31, 64, 8, 19, 77, 150]}
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "bloom"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "bloom", "opt"])  # opt: on hf_transformers
 def setup(request, tmp_path_factory) -> tuple[Path, Path]:
     """A tiny model of the family and a store with two random decoder.pt prefixes of its width."""
     root = tmp_path_factory.mktemp(f"prefix-{request.param}")

@@ -143,10 +143,12 @@ class SchedulerProcess:
         memory = MemoryModel.from_config(self.config.estimate_memory, self.config.batch_safety_margin,
                                          self.model.max_sequence_length, batch_size, num_blocks * block_size)
         memory.check_startup(self.model.max_sequence_length)
+        # Encoder-decoder models: a block of encoder positions holds decoder K/V (worker's seq2seq.py), never shared.
+        prefix_caching = self.config.prefix_caching and not self.model.encoder_decoder
         log.info("KV block pool: %d blocks of %d tokens (prefix caching %s); admission weight limit %s",
-                 num_blocks, block_size, "on" if self.config.prefix_caching else "off", memory.weight_limit or "none")
+                 num_blocks, block_size, "on" if prefix_caching else "off", memory.weight_limit or "none")
         return Batcher(batch_size, self.config.max_waiting_tokens, self.model.eos_token_id,
-                       BlockManager(num_blocks, block_size, self.config.prefix_caching), memory,
+                       BlockManager(num_blocks, block_size, prefix_caching), memory,
                        self.config.max_prefill_tokens)
 
     def _check_worker_liveness(self) -> None:

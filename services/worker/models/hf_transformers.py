@@ -91,10 +91,6 @@ class HFCausalLM(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        if not getattr(model, "_supports_attention_backend", False):
-            raise ValueError(f"{model.config.model_type}: its attention does not go through transformers' attention "
-                             "interface, so the hf_transformers engine cannot page its KV cache")
-        _check_supported(model.config)
         self.hf = model
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         self.args = HFArgs.from_config(model.config)
@@ -117,9 +113,17 @@ class HFCausalLM(nn.Module):
 
 def load_hf_model(folder: Path, dtype: torch.dtype, device: torch.device) -> HFCausalLM:
     """Load the model with transformers (offline, any weight format it reads) with paged attention."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"Unsupported model type {config.model_type}: transformers has no causal LM for it")
+    if not getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_supports_attention_backend", False):
+        raise ValueError(f"{config.model_type}: its attention does not go through transformers' attention "
+                         "interface, so the hf_transformers engine cannot page its KV cache")
+    _check_supported(config)
     register_attention()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True,
+    model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, local_files_only=True,
                                                  attn_implementation=ATTENTION)
     return HFCausalLM(model.to(device).eval().requires_grad_(False))
