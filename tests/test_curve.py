@@ -16,7 +16,17 @@ import zmq
 import zmq.auth
 
 from services.common.codec import decode, encode
-from services.common.protocol import Ping, Pong, TokenizerHello
+from services.common.protocol import (
+    GenerateRequest,
+    LogitsParams,
+    Ping,
+    Pong,
+    RequestFailed,
+    StopParams,
+    Submit,
+    TokenizerHello,
+    token_ids,
+)
 from tests.cluster import BIN, Cluster, GatewayPorts, Replica, tcp, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -61,11 +71,18 @@ def keyed_client(ctx: zmq.Context, endpoint: str, keys) -> zmq.Socket:
     return sock
 
 
-def pong_from(sock: zmq.Socket, timeout_ms: int) -> Pong | None:
-    sock.send_multipart(encode(Ping(7)))
+def answer_to(sock: zmq.Socket, message: object, timeout_ms: int) -> object | None:
+    try:
+        sock.send_multipart(encode(message), zmq.NOBLOCK)
+    except zmq.Again:  # the refused handshake took the only connection away: nothing can be sent
+        return None
     if not sock.poll(timeout_ms):
         return None
     return decode(sock.recv_multipart())
+
+
+def submit(request_id: str) -> Submit:
+    return Submit([GenerateRequest(request_id, token_ids([1, 2]), LogitsParams(), StopParams(max_new_tokens=2), 0.0)])
 
 
 def test_strangers_cannot_join_the_pool_or_reach_the_scheduler(secured):
@@ -76,15 +93,21 @@ def test_strangers_cannot_join_the_pool_or_reach_the_scheduler(secured):
         for i, trusted in enumerate((server_public, None)):
             rogue = client(ctx, tcp(gateway.pool), trusted)
             rogue.send_multipart(encode(TokenizerHello(name=f"rogue-{i}", pid=1)))
-            assert pong_from(client(ctx, tcp(replica.gateways), trusted), 1500) is None
+            stranger = client(ctx, tcp(replica.gateways), trusted)
+            assert answer_to(stranger, submit(f"rogue-{i}"), 1500) is None
+            assert answer_to(stranger, Ping(7), 500) is None
         time.sleep(1.0)
         gateway_log = cluster.procs["gateway"].logs()
         assert "rogue" not in gateway_log
         assert "refused a connection with an unknown CurveZMQ client key" in gateway_log
         assert "refused a connection with an unknown CurveZMQ client key" in cluster.procs["scheduler"].logs()
         # Both keep serving the peers that hold the keys.
-        pong = pong_from(keyed_client(ctx, tcp(replica.gateways), keys), 5000)
+        keyed = keyed_client(ctx, tcp(replica.gateways), keys)
+        pong = answer_to(keyed, Ping(7), 5000)
         assert isinstance(pong, Pong) and pong.nonce == 7 and not pong.workers_ready
+        # A submission gets through (and is refused for want of workers: this replica has none).
+        refused = answer_to(keyed, submit("keyed-1"), 5000)
+        assert isinstance(refused, RequestFailed) and refused.request_ids == ["keyed-1"] and refused.retryable
         member = keyed_client(ctx, tcp(gateway.pool), keys)
         member.send_multipart(encode(TokenizerHello(name="keyed-client", pid=2)))
         wait_for(lambda: "tokenizer keyed-client joined the pool" in cluster.procs["gateway"].logs(), 10,

@@ -258,8 +258,10 @@ class ReplicaSet:
     async def run(self) -> None:
         """Keep one connection per replica address found; ends (with an error) only if a connection's loop breaks."""
         async with asyncio.TaskGroup() as group:
+            loop = asyncio.get_running_loop()
             while True:
-                found = discovery.resolve(self.endpoints)
+                # Off the event loop: a slow DNS answer must not hold up the calls being served.
+                found = await loop.run_in_executor(None, discovery.resolve, self.endpoints)
                 for endpoint in found:
                     if endpoint not in self.replicas:
                         self._add(endpoint, group)

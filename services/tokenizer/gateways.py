@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 from collections.abc import Iterator
 
 import zmq
@@ -54,6 +55,33 @@ class GatewayLink:
         self.sock.close(linger=linger_ms)
 
 
+class Resolver(threading.Thread):
+    """Looks the endpoint list up every `interval` seconds off the socket thread: DNS may answer slowly,
+    and the socket thread must keep its heartbeats on time."""
+
+    def __init__(self, endpoints: str, interval: float) -> None:
+        super().__init__(name="tokenizer-discovery", daemon=True)
+        self.endpoints, self.interval = endpoints, interval
+        self._found: list[str] | None = None
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            found = discovery.resolve(self.endpoints)
+            with self._lock:
+                self._found = found
+
+    def take(self) -> list[str] | None:
+        """The latest look-up not taken yet, or None."""
+        with self._lock:
+            found, self._found = self._found, None
+        return found
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
 class GatewayLinks:
     """Every gateway this tokenizer serves, found from the endpoint list and kept in step with it."""
 
@@ -63,9 +91,8 @@ class GatewayLinks:
         self._by_endpoint: dict[str, GatewayLink] = {}
         self._next_key = 0
 
-    def refresh(self) -> None:
+    def refresh(self, wanted: list[str]) -> None:
         """Connect to gateways that appeared in the list (or in DNS), leave those that are gone."""
-        wanted = discovery.resolve(self.endpoints)
         for endpoint in wanted:
             if endpoint not in self._by_endpoint:
                 self._next_key += 1

@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 from tokenizers import Tokenizer
 
-from services.common import links
+from services.common import discovery, links
 from services.common.codec import ProtocolError, decode, encode
 from services.common.health import Health, serve_health
 from services.common.logs import setup_logging
@@ -42,7 +42,7 @@ from services.common.protocol import (
 from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.detokenizer import Detokenizer, TextDecoder
 from services.tokenizer.encoding import is_encoder_decoder, load_tokenizer, tokenize
-from services.tokenizer.gateways import GatewayLink, GatewayLinks
+from services.tokenizer.gateways import GatewayLink, GatewayLinks, Resolver
 
 logger = logging.getLogger(__name__)
 
@@ -194,20 +194,20 @@ def serve(config: TokenizerConfig, name: str, service: TokenizerService, stopper
     replies.bind(f"inproc://tokenizer-replies-{id(replies)}")
     worker = WorkThread(ctx, replies.get_string(zmq.LAST_ENDPOINT), service)
     worker.start()
-    discovery_interval = links.settings().discovery_interval
+    gateways.refresh(discovery.resolve(config.gateway_endpoint))
+    resolver = Resolver(config.gateway_endpoint, links.settings().discovery_interval)
+    resolver.start()
     next_heartbeat = time.monotonic() + config.heartbeat_interval
-    next_discovery = 0.0
     health.ready()
     try:
         while not stopper.stopping:
             health.turn()  # the poll below waits at most one heartbeat interval
-            if time.monotonic() >= next_discovery:
-                gateways.refresh()
-                next_discovery = time.monotonic() + discovery_interval
+            if (found := resolver.take()) is not None:
+                gateways.refresh(found)
             poller = zmq.Poller()
             for polled in (stopper.wake, replies, *gateways.pollables()):
                 poller.register(polled, zmq.POLLIN)
-            timeout_ms = max(0.0, min(next_heartbeat, next_discovery) - time.monotonic()) * 1000
+            timeout_ms = max(0.0, next_heartbeat - time.monotonic()) * 1000
             for polled, _ in poller.poll(timeout_ms):
                 if polled is stopper.wake:
                     stopper.wake.recv(512)  # the signal's wake-up byte has done its job
@@ -223,6 +223,7 @@ def serve(config: TokenizerConfig, name: str, service: TokenizerService, stopper
                 gateways.heartbeat()
                 next_heartbeat = time.monotonic() + config.heartbeat_interval
     finally:
+        resolver.stop()
         gateways.close()
         worker.stop()
         replies.close(linger=0)
