@@ -9,7 +9,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from services.common.protocol import LogitsParams, NewSequence, ScheduledChunk, Step, token_ids
+from services.common.protocol import (
+    GenerateRequest,
+    LogitsParams,
+    NewSequence,
+    ScheduledChunk,
+    Step,
+    StopParams,
+    token_ids,
+)
 from services.worker.checkpoint import load_model
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
@@ -48,14 +56,14 @@ def t5_path(request, tmp_path_factory) -> Path:
 
 def _decoder_logits(model, encoder_ids: torch.Tensor, decoder_ids: torch.Tensor) -> torch.Tensor:
     """Our logits of every decoder position: the first three in one chunk, then decodes, in scattered blocks."""
-    cross = model.encode(encoder_ids)
+    cross = model.encode(model.embed(encoder_ids))
     cache = PagedKVCache(model.args.num_layers, 8, 4, model.kv_heads_per_rank, model.args.head_dim,
                          torch.float32, CPU)
     out, table = [], [6, 2, 5]
     for start, count in [(0, 3), *((p, 1) for p in range(3, len(decoder_ids)))]:
         batch = PagedBatch.build(4, [table], [start], [count], CPU)
         with forward_context(batch, cache):
-            hidden = model.decode(decoder_ids[start: start + count], torch.arange(start, start + count),
+            hidden = model.decode(model.embed(decoder_ids[start: start + count]), torch.arange(start, start + count),
                                   [(0, count, cross)])
         out.append(model.logits(hidden))
     return torch.cat(out)
@@ -116,6 +124,48 @@ def test_input_details_are_encoder_ids_with_nan_logprobs(t5_path):
     details = result.outputs[0].input_details
     assert [d.token_id for d in details] == ids
     assert all(math.isnan(d.logprob) and d.rank == 0 and not len(d.top_ids) for d in details)
+
+
+def _prefixed_greedy(ref, ids: list[int], encoder: torch.Tensor | None, decoder: torch.Tensor | None) -> list[int]:
+    """TGIS's prefix semantics in transformers: encoder rows before the input's embeddings, decoder rows before the
+    decoder start token's; greedy without a cache, EOS held back for NEW tokens (min_new_tokens)."""
+    embed = ref.get_input_embeddings()
+    with torch.no_grad():
+        x = embed(torch.tensor(ids))
+        x = x if encoder is None else torch.cat([encoder, x])
+        tokens, out = [0], []
+        for _ in range(NEW):
+            y = embed(torch.tensor(tokens))
+            y = y if decoder is None else torch.cat([decoder, y])
+            logits = ref(inputs_embeds=x[None], decoder_inputs_embeds=y[None]).logits[0, -1]
+            logits[EOS] = -math.inf
+            tokens.append(int(logits.argmax()))
+            out.append(tokens[-1])
+    return out
+
+
+def test_encoder_and_decoder_prompt_prefixes_equal_transformers(t5_path, tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    parts = {"both": ("encoder.pt", "decoder.pt"), "enc": ("encoder.pt",), "dec": ("decoder.pt",)}
+    for prefix_id, files in parts.items():
+        (tmp_path / prefix_id).mkdir()
+        for name in files:
+            torch.save(torch.randn(4 if name == "encoder.pt" else 2, 32, generator=gen), tmp_path / prefix_id / name)
+    engine = Engine(WorkerConfig(model_name=str(t5_path), device="cpu", kv_cache_memory="16MiB", kv_block_size=4,
+                                 prefix_store_path=str(tmp_path)))
+    lengths = {"both": 4 + 2 + 1, "enc": 4, "dec": 2 + 1}  # TGIS: encoder rows + decoder rows + the start token
+    requests = [GenerateRequest(f"{rid}-{pid}", token_ids([0] * lengths[pid] + PROMPTS[rid]),
+                                LogitsParams(min_new_tokens=NEW), StopParams(NEW, NEW), 0.0, pid, lengths[pid])
+                for rid, pid in [("a", "both"), ("b", "enc"), ("c", "dec"), ("b", "both")]]
+    local = LocalEngine(engine, prefix_caching=False, max_prefill_tokens=8)
+    local.batcher.submit(b"local", requests)
+    got = local.run({r.request_id: [] for r in requests})
+    ref = _reference(t5_path)
+    for r in requests:
+        folder = tmp_path / r.prefix_id
+        encoder, decoder = (torch.load(folder / name) if (folder / name).exists() else None
+                            for name in ("encoder.pt", "decoder.pt"))
+        assert got[r.request_id] == _prefixed_greedy(ref, PROMPTS[r.request_id[0]], encoder, decoder), r.request_id
 
 
 def _tp_rank(rank: int, path: Path, init_file: Path, out: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from services.common.model_path import resolve_model_path
+from services.common.prompt_prefixes import Prefix
 from services.common.protocol import (
     LogitsParams,
     ModelInfo,
@@ -106,7 +107,7 @@ class Sequence:
     generated: int = 0
     seen: torch.Tensor | None = None  # [vocab] ids in prompt and output, kept only for the repetition penalty
     details_sent: bool = field(default=False)
-    prefix: torch.Tensor | None = None  # prompt prefix embeddings replacing those of the first prefix positions
+    prefix: Prefix | None = None  # prompt prefix, its embeddings replacing those of the first prompt positions
     cross: list | None = None  # encoder-decoder models: the encoder output's cross-attention K/V (seq2seq.py)
 
 
@@ -164,7 +165,7 @@ class Engine:
         self.encoder_decoder = getattr(self.model, "encoder_decoder", False)
         self.prefixes = open_store(config.prefix_store_path, config.prompt_cache_size_mb,
                                    config.max_prompt_prefix_length, args.hidden_size, self.dtype,
-                                   self.max_sequence_length)
+                                   self.max_sequence_length, self.encoder_decoder)
         if pt2_compile_enabled(config.pt2_compile) and self.encoder_decoder:
             logger.warning("PT2_COMPILE is not applied to encoder-decoder models: they run eagerly")
         elif pt2_compile_enabled(config.pt2_compile):
@@ -222,8 +223,6 @@ class Engine:
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise StepError(f"token ids outside the vocabulary (0..{self.vocab_size - 1})")
         prefix = None
-        if new.prefix_id and self.encoder_decoder:  # encoder/decoder prompt prefixes are not wired into T5 yet
-            raise StepError(f"Error retrieving prompt prefix '{new.prefix_id}'")
         if new.prefix_id:
             try:
                 prefix = load_prefix(self.prefixes, new.prefix_id, new.prefix_length, self.device)
@@ -271,7 +270,7 @@ class Engine:
         batch = PagedBatch.build(self.cache.block_size, [list(p.chunk.block_table) for p in planned],
                                  [p.chunk.start for p in planned], [p.chunk.count for p in planned], self.device)
         ids_t, positions_t = torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device)
-        runs = [(p.sequence.prefix, p.chunk.start, p.chunk.count) for p in planned]
+        runs = [(p.sequence.prefix and p.sequence.prefix.decoder, p.chunk.start, p.chunk.count) for p in planned]
         with forward_context(batch, self.cache):
             if covers_prefix(runs):  # prompt prefix rows: from embeddings (the compiled forward takes ids only)
                 hidden = self.model.forward_embeds(embed_with_prefixes(self.model, ids_t, runs), positions_t)

@@ -14,6 +14,7 @@ import logging
 import torch
 
 from services.common.prompt_prefixes import (
+    Prefix,
     PrefixError,
     PrefixModel,
     PrefixNotFound,
@@ -36,8 +37,8 @@ def open_store(path: str | None, cache_size_mb: int, max_length: int | None, hid
     return PrefixStore(path, model, cache_size_mb * 2**20)
 
 
-def load_prefix(store: PrefixStore | None, prefix_id: str, length: int, device: torch.device) -> torch.Tensor:
-    """The decoder embeddings [length, hidden] of `prefix_id`; LookupError in TGIS's words when it cannot be had
+def load_prefix(store: PrefixStore | None, prefix_id: str, length: int, device: torch.device) -> Prefix:
+    """The prefix `prefix_id` with its embeddings on `device`; LookupError in TGIS's words when it cannot be had
     (no store, gone, invalid now, or not the length validation saw)."""
     message = f"Error retrieving prompt prefix '{prefix_id}'"
     if store is None:
@@ -47,9 +48,9 @@ def load_prefix(store: PrefixStore | None, prefix_id: str, length: int, device: 
     except (PrefixNotFound, PrefixError, OSError) as exc:
         logger.warning("%s: %s", message, exc)
         raise LookupError(message) from exc
-    if prefix.decoder is None or prefix.length != length:
+    if prefix.length != length:
         raise LookupError(message)
-    return prefix.decoder.to(device)
+    return Prefix(*(None if t is None else t.to(device) for t in (prefix.decoder, prefix.encoder)), prefix.length)
 
 
 def embed_with_prefixes(model: torch.nn.Module, input_ids: torch.Tensor,

@@ -178,10 +178,11 @@ class T5ForConditionalGeneration(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.shared(input_ids)
 
-    def encode(self, input_ids: torch.Tensor) -> CrossKV:
-        """One sequence's encoder input [n] -> each decoder layer's cross-attention keys and values."""
-        x, n = self.shared(input_ids), input_ids.shape[0]
-        positions = torch.arange(n, device=input_ids.device)
+    def encode(self, x: torch.Tensor) -> CrossKV:
+        """One sequence's encoder input embeddings [n, hidden] (`embed` of its ids, after any prompt prefix rows)
+        -> each decoder layer's cross-attention keys and values."""
+        n = x.shape[0]
+        positions = torch.arange(n, device=x.device)
         buckets = relative_buckets(positions[None] - positions[:, None], True, self.args.num_buckets,
                                    self.args.max_distance)
         bias = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias(buckets).permute(2, 0, 1)
@@ -197,11 +198,9 @@ class T5ForConditionalGeneration(nn.Module):
         cross = [block.layer[1].EncDecAttention for block in self.decoder.block]
         return [(attn.heads_of(x, attn.k), attn.heads_of(x, attn.v)) for attn in cross]
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor,
-               segments: list[tuple[int, int, CrossKV]]) -> torch.Tensor:
-        """Packed decoder input_ids/positions [T] -> final hidden states [T, hidden], inside `forward_context`;
-        `segments` lists each sequence's rows (start, count) and its encoder keys/values."""
-        x = self.shared(input_ids)
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, segments: list[tuple[int, int, CrossKV]]) -> torch.Tensor:
+        """Packed decoder input embeddings [T, hidden] and positions [T] -> final hidden states [T, hidden], inside
+        `forward_context`; `segments` lists each sequence's rows (start, count) and its encoder keys/values."""
         scale = math.sqrt(self.args.head_dim)  # attend() divides scores by sqrt(d); T5 does not
         for i, block in enumerate(self.decoder.block):
             part = block.layer[0]
