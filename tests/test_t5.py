@@ -185,3 +185,13 @@ def test_tensor_parallel_matches_single_rank(tmp_path, monkeypatch):
     expected = _decoder_logits(load_model(path, torch.float32, CPU), *_inputs())
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected, atol=1e-5, rtol=0)
+
+
+def test_int8_quantizes_t5_linear_layers(t5_path):
+    model = load_model(t5_path, torch.float32, CPU, quantize="int8")
+    assert not [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    encoder_ids, decoder_ids = _inputs()
+    with torch.no_grad():
+        expected = _reference(t5_path)(input_ids=encoder_ids[None], decoder_input_ids=decoder_ids[None]).logits[0]
+    got = _decoder_logits(model, encoder_ids, decoder_ids)
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
