@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
@@ -45,13 +48,15 @@ def _run_one(name: str, cases: list[Case], args: argparse.Namespace) -> dict:
     model_path = resolve_model_path(args.model)
     figures = {}
     if name == LLAMA_CPP:
-        baseline = LlamaCppBaseline(_gguf(args), args.llama_threads, _context(cases))
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        for case in cases:
-            log.info("%s: %s %s", name, case.scenario, case.name)
-            figures[case_key(case.scenario, case.name)] = {
-                "measure": case.measure, **baseline.run(case, [token_ids(tokenizer, p) for p in case.prompts])}
-        return figures
+        jobs = [(case, [token_ids(tokenizer, p) for p in case.prompts]) for case in cases]
+        # In a child process: a llama-cpp-python build that crashes (a segfault in a binding that does not match
+        # its vendored llama.cpp was seen here) loses this baseline, not the figures measured before it.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                return pool.submit(_llama_cpp_figures, _gguf(args), args.llama_threads, _context(cases), jobs).result()
+            except BrokenProcessPool as exc:
+                raise LlamaCppUnavailable(f"llama.cpp crashed: {exc}") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log.info("%s: loading %s on %s", name, model_path, device)
     baseline = Baseline(model_path, TRANSFORMERS[name], device)
@@ -65,6 +70,15 @@ def _run_one(name: str, cases: list[Case], args: argparse.Namespace) -> dict:
             duration = args.duration if case.scenario == "short" else None
             result = baseline.run(prompts, case.batch_size, case.output_tokens, duration)
         figures[case_key(case.scenario, case.name)] = {"measure": case.measure, **result}
+    return figures
+
+
+def _llama_cpp_figures(gguf: Path, threads: int, context: int, jobs: list[tuple[Case, list[list[int]]]]) -> dict:
+    baseline = LlamaCppBaseline(gguf, threads, context)
+    figures = {}
+    for case, ids in jobs:
+        log.info("%s: %s %s", LLAMA_CPP, case.scenario, case.name)
+        figures[case_key(case.scenario, case.name)] = {"measure": case.measure, **baseline.run(case, ids)}
     return figures
 
 
