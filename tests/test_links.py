@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -22,6 +23,7 @@ from services.common.zmq_io import make_socket
 from services.gateway.generation import FailedEvent, Generation
 from services.gateway.replicas import ReplicaSet, model_difference
 from services.gateway.scheduler_client import SchedulerClient
+from services.tokenizer.gateways import GatewayLinks
 
 MODEL = ModelInfo("m", "/m", False, 100, 2, 2, 256, 255, 8, 1, "cpu", "float32")
 
@@ -111,4 +113,39 @@ async def test_requests_go_by_load_and_a_lost_replicas_untouched_ones_move():
         assert all(replicas.owner[g.request_id] is clients[0] for g in moved[1:])
         assert not clients[1].workers_ready and replicas._pick() is clients[0]
     finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_tokenizer_keeps_one_link_per_gateway_found():
+    ctx = zmq.Context()
+    gateways = GatewayLinks(ctx, "tcp://gateway-pool:5570", "t-1")
+    try:
+        first, second = "tcp://127.0.0.1:1", "tcp://127.0.0.1:2"
+        gateways.refresh([first])
+        (kept,) = gateways.links.values()
+        gateways.refresh([first, second])
+        assert [link.endpoint for link in gateways.links.values()] == [first, second]
+        assert gateways.links[kept.key] is kept  # the first link (and its members' work) stays
+        gateways.refresh([second])
+        assert [link.endpoint for link in gateways.links.values()] == [second]
+        assert gateways.link_of(kept.sock) is None
+    finally:
+        gateways.close()
+        ctx.destroy(linger=0)
+
+
+async def test_the_gateway_follows_the_replicas_its_names_resolve_to(monkeypatch):
+    found = ["tcp://127.0.0.1:1"]
+    monkeypatch.setattr(discovery, "resolve", lambda endpoints: list(found))
+    ctx = zmq.asyncio.Context()
+    replicas = ReplicaSet(ctx, "tcp://schedulers:5550", "gw", Pool(), discovery_interval=0.05)
+    task = asyncio.ensure_future(replicas.run())
+    try:
+        await asyncio.sleep(0.2)
+        assert list(replicas.replicas) == found
+        found[:] = ["tcp://127.0.0.1:2", "tcp://127.0.0.1:3"]
+        await asyncio.sleep(0.2)
+        assert sorted(replicas.replicas) == found and not task.done()
+    finally:
+        task.cancel()
         ctx.destroy(linger=0)
