@@ -158,6 +158,12 @@ def test_load_through_both_gateways_uses_both_replicas(topo):
         assert len([v for v in handled.values() if v > 0]) == 3, handled
 
 
+def test_every_gateway_shows_the_whole_pools_batch(topo):
+    # Calls through gateway 0 only: gateway 1's batch gauge still shows them (the replicas' own reports).
+    results = load(topo, {0: 8}, 100, during=lambda: None, when=lambda: topo.metric(1, "tgi_batch_current_size") >= 2)
+    assert_all_correct(topo, results[0], 100)
+
+
 def test_killed_tokenizer_loses_no_request_and_an_added_one_serves_both_gateways(topo):
     victim = topo.proc("tokenizer-0")
     results = load(topo, {0: 12, 1: 12}, 100, during=lambda: victim.signal(signal.SIGKILL),
