@@ -63,7 +63,7 @@ def build_family_model(variant: str, target: Path, seed: int = 0) -> Path:
     return target
 
 
-def build_with_tokenizer(variant: str, target: Path, tokenizer_source: Path, seed: int = 0) -> Path:
+def build_with_tokenizer(variant: str, target: Path, tokenizer_source: Path, seed: int = 0, **overrides) -> Path:
     """`variant` sized to the demo model's vocabulary, its tokenizer beside it (for end-to-end tests over text)."""
     import json
     import shutil
@@ -76,7 +76,7 @@ def build_with_tokenizer(variant: str, target: Path, tokenizer_source: Path, see
     class_name, settings = VARIANTS.get(variant) or HF_VARIANTS[variant]
     config = getattr(transformers, class_name)(**{**COMMON, "vocab_size": demo["vocab_size"],
                                                   "bos_token_id": demo["bos_token_id"],
-                                                  "eos_token_id": demo["eos_token_id"]}, **settings)
+                                                  "eos_token_id": demo["eos_token_id"]}, **{**settings, **overrides})
     torch.manual_seed(seed)
     transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(target)
     for name in TOKENIZER_FILES:

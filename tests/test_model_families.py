@@ -132,3 +132,9 @@ def test_bin_only_checkpoint_needs_hf_transformers(tmp_path):
     model = load_model(tmp_path, torch.float32, CPU)
     assert isinstance(model, HFCausalLM)
     torch.testing.assert_close(two_sequence_logits(model), expected_two_sequence_logits(ref), atol=1e-4, rtol=0)
+
+
+def test_learned_positions_bound_max_sequence_length(family_models, tmp_path_factory):
+    path = _path(family_models, tmp_path_factory, "gpt_bigcode")  # n_positions 128
+    with pytest.raises(ValueError, match="max_sequence_length 200 exceeds the 128 positions of gpt_bigcode's learned"):
+        Engine(WorkerConfig(model_name=str(path), device="cpu", kv_cache_memory="16MiB", max_sequence_length=200))

@@ -157,6 +157,10 @@ class Engine:
                                 quantize=config.quantize, group_size=config.quantize_group_size,
                                 framework=config.deployment_framework)
         args = self.model.args
+        positions = getattr(self.model, "max_positions", None)
+        if positions is not None and self.max_sequence_length > positions:
+            raise ValueError(f"max_sequence_length {self.max_sequence_length} exceeds the {positions} positions of "
+                             f"{model_config.get('model_type')}'s learned position embeddings")
         self.vocab_size = args.vocab_size
         self.cache = PagedKVCache.for_budget(
             budget_bytes(config.kv_cache_memory, self.device), self.max_sequence_length, args.num_layers,

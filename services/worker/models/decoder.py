@@ -37,6 +37,8 @@ class DecoderLM(nn.Module):
         args.check_world_size(world_size)
         self.args, self.rank, self.world_size = args, rank, world_size
         self.kv_heads_per_rank = args.kv_heads_per_rank(world_size)
+        # Learned position embeddings bound the sequence length (the engine refuses a longer MAX_SEQUENCE_LENGTH).
+        self.max_positions = args.max_positions if args.position == "learned" else None
         self.model = Backbone(args, world_size, group)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
