@@ -102,6 +102,11 @@ def test_refusals_at_load(tmp_path):
     (tmp_path / "t5" / "config.json").write_text('{"model_type": "t5", "is_encoder_decoder": true}')
     with pytest.raises(ValueError, match="t5 is an encoder-decoder model: only tgis_native serves those"):
         load_model(tmp_path / "t5", torch.float32, CPU)
+    from transformers import ViTConfig
+
+    ViTConfig().save_pretrained(tmp_path / "vit")
+    with pytest.raises(ValueError, match="^Unsupported model type vit$"):
+        load_model(tmp_path / "vit", torch.float32, CPU)
 
 
 @pytest.mark.parametrize("variant", ["mistral", "qwen2", "gpt_neox", "gpt2", "gpt_bigcode", "falcon", "bloom", "mpt"])

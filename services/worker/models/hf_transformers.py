@@ -118,7 +118,7 @@ def load_hf_model(folder: Path, dtype: torch.dtype, device: torch.device) -> HFC
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise ValueError(f"Unsupported model type {config.model_type}: transformers has no causal LM for it")
+        raise ValueError(f"Unsupported model type {config.model_type}")  # TGIS's words
     if not getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_supports_attention_backend", False):
         raise ValueError(f"{config.model_type}: its attention does not go through transformers' attention "
                          "interface, so the hf_transformers engine cannot page its KV cache")
