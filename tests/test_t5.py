@@ -28,25 +28,27 @@ from tests.local_engine import LocalEngine
 CPU = torch.device("cpu")
 VOCAB, EOS, NEW = 256, 1, 8
 PROMPTS = {"a": [5, 17, 42, 99, 3, 250, 7, EOS], "b": [11, 2, EOS], "c": [*range(30, 50), EOS]}
-# t5: ReLU MLP, output scaled before the tied LM head; flan: gated GELU (T5 v1.1), no scaling.
+# t5: ReLU MLP, output scaled before the tied LM head; flan: gated GELU (T5 v1.1), no scaling; mt5 (mT5, mt0).
 VARIANTS = {"t5": {"feed_forward_proj": "relu"},
-            "flan": {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}}
+            "flan": {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False},
+            "mt5": {"feed_forward_proj": "gated-gelu", "kind": "MT5"}}
 
 
-def build_t5(target: Path, seed: int = 0, **settings) -> Path:
-    from transformers import T5Config, T5ForConditionalGeneration
+def build_t5(target: Path, seed: int = 0, kind: str = "T5", **settings) -> Path:
+    import transformers
 
-    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=EOS, **settings)
+    config = getattr(transformers, f"{kind}Config")(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=EOS, **settings)
     torch.manual_seed(seed)
-    T5ForConditionalGeneration(config).eval().save_pretrained(target)
+    getattr(transformers, f"{kind}ForConditionalGeneration")(config).eval().save_pretrained(target)
     return target
 
 
 def _reference(path: Path):
-    from transformers import T5ForConditionalGeneration
+    from transformers import AutoModelForSeq2SeqLM
 
-    return T5ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

@@ -22,10 +22,10 @@ MODEL_TYPES = {
     "falcon": "falcon", "RefinedWeb": "falcon", "RefinedWebModel": "falcon",
     "bloom": "bloom",
     "mpt": "mpt",
-    "t5": "t5",
+    "t5": "t5", "mt5": "t5",
 }
 # Encoder-decoder types: their module has its own model class and loader (`checkpoint._load_t5`).
-ENCODER_DECODER_TYPES = ("t5",)
+ENCODER_DECODER_TYPES = ("t5", "mt5")
 
 
 def supported(model_type: str | None) -> bool:

@@ -1,4 +1,4 @@
-"""T5 (t5, flan-t5, mt0 and other T5-architecture encoder-decoders) for the paged engine, with tensor parallelism.
+"""T5 and mT5 (t5, flan-t5, mt5, mt0) encoder-decoders for the paged engine, with tensor parallelism.
 
 Parameter names match HF checkpoints.  The encoder runs once per sequence,
 over its whole input (bidirectional attention with T5's bucketed relative
@@ -24,7 +24,7 @@ from torch import nn
 from services.worker.models.layers import ACTIVATIONS, RMSNorm, reduce_parallel
 from services.worker.paged_attention import attend
 
-MODEL_TYPES = ("t5",)
+MODEL_TYPES = ("t5", "mt5")
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: keys, values [n, heads, head_dim]
 
 
@@ -62,7 +62,9 @@ class T5Args:
             head_dim=config["d_kv"], num_buckets=config.get("relative_attention_num_buckets", 32),
             max_distance=config.get("relative_attention_max_distance", 128),
             norm_eps=config.get("layer_norm_epsilon", 1e-6), gated=gated, activation=activation,
-            scale_outputs=config.get("scale_decoder_outputs", config.get("tie_word_embeddings", True) is not False),
+            # Original T5 scales before its tied head; T5 v1.1 configs say tie_word_embeddings false; mT5 never scales.
+            scale_outputs=config["model_type"] != "mt5" and config.get(
+                "scale_decoder_outputs", config.get("tie_word_embeddings", True) is not False),
             decoder_start_token_id=config.get("decoder_start_token_id") or 0,
         )
 
