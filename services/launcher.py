@@ -66,6 +66,7 @@ class LauncherConfig:
     kv_block_size: int = knob(16, "KV_BLOCK_SIZE", "token positions per KV cache block")
     prefix_caching: bool = knob(True, "PREFIX_CACHING", "reuse cached KV blocks of common prompt prefixes")
     max_prefill_tokens: int = knob(512, "MAX_PREFILL_TOKENS", "prompt tokens computed per step (chunked prefill budget)")
+    max_prefill_tokens_while_decoding: int = knob(64, "MAX_PREFILL_TOKENS_WHILE_DECODING", "prompt chunk per step while other sequences decode (bounds their inter-token latency; raise on GPUs)")
     estimate_memory: str = knob("auto", "ESTIMATE_MEMORY", "admission weight model: auto (from the KV block pool), manual or off")
     max_waiting_tokens: int = knob(24, "MAX_WAITING_TOKENS", "decode steps before waiting requests join anyway")
     port: int = knob(3000, "PORT", "HTTP /health and /metrics port", short="-p")
@@ -189,6 +190,7 @@ class Launcher:
             "MAX_BATCH_SIZE": c.max_batch_size, "MAX_WAITING_TOKENS": c.max_waiting_tokens,
             "KV_CACHE_MEMORY": c.kv_cache_memory, "KV_BLOCK_SIZE": c.kv_block_size,
             "PREFIX_CACHING": c.prefix_caching, "MAX_PREFILL_TOKENS": c.max_prefill_tokens,
+            "MAX_PREFILL_TOKENS_WHILE_DECODING": c.max_prefill_tokens_while_decoding,
             "ESTIMATE_MEMORY": c.estimate_memory, "BATCH_SAFETY_MARGIN": c.batch_safety_margin,
             "MAX_CONCURRENT_REQUESTS": c.max_concurrent_requests, "PORT": c.port, "GRPC_PORT": c.grpc_port,
             "TLS_CERT_PATH": c.tls_cert_path, "TLS_KEY_PATH": c.tls_key_path,

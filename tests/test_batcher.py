@@ -129,6 +129,24 @@ def test_long_prompt_is_chunked_beside_decodes():
                       [("short", 5, 1), ("long", 16, 4)], [("short", 6, 1), ("long", 20, 1)]]
 
 
+def test_prompt_chunks_shrink_while_others_decode():
+    b = Batcher(max_batch_size=4, max_waiting_tokens=1, eos_token_id=EOS, max_prefill_tokens=8,
+                max_prefill_tokens_while_decoding=3)
+    b.submit(GW, [GenerateRequest("long", token_ids(range(1, 12)), LogitsParams(), StopParams(5), 0)])
+    b.submit(GW, [GenerateRequest("next", token_ids(range(20, 27)), LogitsParams(), StopParams(5), 0),
+                  GenerateRequest("details", token_ids(range(30, 36)), LogitsParams(input_details=True),
+                                  StopParams(5), 0)])
+    steps = [[(c.request_id, c.start, c.count) for c in run_step(b)[0].run] for _ in range(4)]
+    assert steps == [
+        [("long", 0, 8)],  # nobody decodes: the whole budget
+        [("long", 8, 3), ("next", 0, 5)],
+        # "long" decodes: 3 prompt tokens per step for ordinary prompts; input details need the whole prompt in
+        # one chunk, and only the step's budget applies to it (steady decoding cannot starve it)
+        [("long", 11, 1), ("next", 5, 2), ("details", 0, 6)],
+        [("long", 12, 1), ("next", 7, 1), ("details", 6, 1)],
+    ]
+
+
 def test_blocks_freed_on_stop_and_cached_prefix_reused():
     b = Batcher(max_batch_size=4, max_waiting_tokens=1, eos_token_id=EOS, num_blocks=8, block_size=2)
     prompt = token_ids([5, 6, 7, 8, 9])

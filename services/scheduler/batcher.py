@@ -112,13 +112,17 @@ class Batcher:
     """Holds the waiting queue, the running set and the block pool, and turns them into worker Steps."""
 
     def __init__(self, max_batch_size: int, max_waiting_tokens: int, eos_token_id: int, blocks: BlockManager,
-                 memory: MemoryModel | None = None, max_prefill_tokens: int = 512) -> None:
+                 memory: MemoryModel | None = None, max_prefill_tokens: int = 512,
+                 max_prefill_tokens_while_decoding: int | None = None) -> None:
         self.max_batch_size = max_batch_size
         self.max_waiting_tokens = max_waiting_tokens
         self.eos_token_id = eos_token_id
         self.blocks = blocks
         self.memory = memory or MemoryModel.from_config("off", 0, 0, max_batch_size, 0)
         self.max_prefill_tokens = max_prefill_tokens
+        # A smaller chunk while others decode: a step's time is their inter-token latency.
+        self.max_prefill_tokens_while_decoding = min(max_prefill_tokens_while_decoding or max_prefill_tokens,
+                                                     max_prefill_tokens)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[str, Sequence] = {}
         self.to_remove: list[str] = []
@@ -198,7 +202,7 @@ class Batcher:
                 return False
         return True
 
-    def _admit(self, now: float, budget: int) -> list[ScheduledChunk]:
+    def _admit(self, now: float, budget: int, cap: int) -> list[ScheduledChunk]:
         """Start waiting requests TGIS's policy and the weight model pick, while blocks and the budget last."""
         if not self._may_join(now):
             return []
@@ -211,6 +215,8 @@ class Batcher:
             length = len(sequence.tokens)
             if budget <= 0 or (sequence.one_chunk and budget < min(length, self.max_prefill_tokens)):
                 break  # a prompt wanting input details longer than the budget runs when it has it all
+            if cap <= 0 and not sequence.one_chunk:
+                break
             hit_blocks, hashes = ([], []) if sequence.one_chunk else self.blocks.cached_prefix(
                 sequence.tokens, length - 1, sequence.cache_root)
             need = blocks_for(length, self.blocks.block_size) - len(hit_blocks) + self.blocks.usable(hit_blocks)
@@ -226,9 +232,9 @@ class Batcher:
                 sequence.started_at = now
             self.running[sequence.request_id] = sequence
             self.plan.added.append(sequence)
-            count = length - sequence.computed if sequence.one_chunk else min(budget, length - sequence.computed)
+            count = length - sequence.computed if sequence.one_chunk else min(budget, cap, length - sequence.computed)
             chunks.append(self._chunk(sequence, count))
-            budget -= count
+            budget, cap = budget - count, cap - count
         return chunks
 
     def _chunk(self, sequence: Sequence, count: int) -> ScheduledChunk:
@@ -247,14 +253,18 @@ class Batcher:
         for sequence in list(self.running.values()):
             if sequence.request_id in self.running and sequence.decoding and self._preempt_for(sequence):
                 chunks.append(self._chunk(sequence, 1))
+        # `budget` bounds all prompt tokens of the step; `cap` the chunks of ordinary prompts, lower while
+        # sequences decode (the chunks so far are their decodes). A prompt wanting input details needs its
+        # whole prompt in one chunk: only `budget` applies to it, so it is not starved by steady decoding.
         budget = self.max_prefill_tokens
+        cap = self.max_prefill_tokens_while_decoding if chunks else budget
         for sequence in list(self.running.values()):
-            if budget > 0 and not sequence.decoding and sequence.computed < len(sequence.tokens):
-                count = min(budget, len(sequence.tokens) - sequence.computed)
+            if min(budget, cap) > 0 and not sequence.decoding and sequence.computed < len(sequence.tokens):
+                count = min(budget, cap, len(sequence.tokens) - sequence.computed)
                 chunks.append(self._chunk(sequence, count))
-                budget -= count
+                budget, cap = budget - count, cap - count
         if not self.plan.counters.get("preemptions"):  # blocks just ran out: nobody joins this step
-            chunks += self._admit(now, budget)
+            chunks += self._admit(now, budget, cap)
         if not (chunks or self.to_remove):
             return None
         new = [s for s in self.plan.added if not s.on_workers]

@@ -15,6 +15,7 @@ class SchedulerConfig:
     estimate_memory: str = knob("auto", "ESTIMATE_MEMORY", "admission weight model: auto (from the KV block pool), manual or off")
     batch_safety_margin: int = knob(20, "BATCH_SAFETY_MARGIN", "percent of the admission weight limit kept free")
     max_prefill_tokens: int = knob(512, "MAX_PREFILL_TOKENS", "prompt tokens computed per step (chunked prefill budget; decodes ride along)")
+    max_prefill_tokens_while_decoding: int = knob(64, "MAX_PREFILL_TOKENS_WHILE_DECODING", "prompt chunk per step while other sequences decode (bounds their inter-token latency; raise on GPUs)")
     prefix_caching: bool = knob(True, "PREFIX_CACHING", "reuse the KV blocks of earlier prompts' common prefixes")
     num_shard: int = knob(1, "NUM_SHARD", "worker ranks in the model replica (all must be ready)")
     gateway_endpoint: str = knob("tcp://127.0.0.1:5550", "SCHEDULER_ENDPOINT", "ROUTER socket for gateways (bind)")
