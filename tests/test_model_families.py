@@ -138,3 +138,16 @@ def test_learned_positions_bound_max_sequence_length(family_models, tmp_path_fac
     path = _path(family_models, tmp_path_factory, "gpt_bigcode")  # n_positions 128
     with pytest.raises(ValueError, match="max_sequence_length 200 exceeds the 128 positions of gpt_bigcode's learned"):
         Engine(WorkerConfig(model_name=str(path), device="cpu", kv_cache_memory="16MiB", max_sequence_length=200))
+
+
+@pytest.mark.parametrize("variant", ["bloom", "gpt_neox"])
+def test_compiled_forward_keeps_alibi_and_partial_rotary(variant, family_models, tmp_path_factory):
+    """PT2_COMPILE traces these families too: ALiBi slopes reach the paged attention op, partial rotary fuses."""
+    from services.worker.compile import compile_model
+
+    path = _path(family_models, tmp_path_factory, variant)
+    model = load_model(path, torch.float32, CPU)
+    compile_model(model)
+    with torch.inference_mode():
+        logits = two_sequence_logits(model)
+    torch.testing.assert_close(logits, expected_two_sequence_logits(reference(path)), atol=1e-4, rtol=0)
