@@ -56,21 +56,21 @@ def register_attention() -> None:
 
 @dataclass(frozen=True)
 class HFArgs:
-    """The sizes the engine needs (KV cache shape, vocabulary), read from the transformers config."""
+    """The sizes the engine needs (KV cache shape, vocabulary, embedding width), read from the transformers config."""
 
     vocab_size: int
-    hidden_size: int
+    hidden_size: int  # of the input embeddings (what prompt prefixes must match; OPT-350m's differs from d_model)
     num_layers: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
 
     @classmethod
-    def from_config(cls, config) -> HFArgs:
+    def from_config(cls, config, embedding_width: int) -> HFArgs:
         text = config.get_text_config()
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return cls(text.vocab_size, text.hidden_size, text.num_hidden_layers, heads,
+        return cls(text.vocab_size, embedding_width, text.num_hidden_layers, heads,
                    getattr(text, "num_key_value_heads", None) or heads, head_dim)
 
 
@@ -93,7 +93,7 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.hf = model
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-        self.args = HFArgs.from_config(model.config)
+        self.args = HFArgs.from_config(model.config, model.get_input_embeddings().embedding_dim)
         self.kv_heads_per_rank = self.args.num_kv_heads
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
