@@ -38,8 +38,20 @@ def t5_model(demo_model_path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pipeline(t5_model, tmp_path_factory):
-    p = Pipeline(t5_model, tmp_path_factory.mktemp("e2e-t5-run"), "--max-sequence-length", "128").start()
+def store(tmp_path_factory) -> Path:
+    """A prompt prefix with encoder and decoder parts (TGIS's encoder-decoder form)."""
+    path = tmp_path_factory.mktemp("t5-prefixes")
+    (path / "tuned").mkdir()
+    gen = torch.Generator().manual_seed(5)
+    torch.save(torch.randn(4, 32, generator=gen), path / "tuned" / "encoder.pt")
+    torch.save(torch.randn(2, 32, generator=gen), path / "tuned" / "decoder.pt")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(t5_model, store, tmp_path_factory):
+    p = Pipeline(t5_model, tmp_path_factory.mktemp("e2e-t5-run"), "--max-sequence-length", "128",
+                 "--prefix-store-path", str(store)).start()
     yield p
     assert p.stop() == 0, p.logs()
 
@@ -84,3 +96,27 @@ def test_stream_matches_unary(pipeline, t5_model):
         request=pb.GenerationRequest(text=PROMPT), params=_params(input_text=True))))
     assert messages[0].text == PROMPT and messages[0].input_token_count == input_count  # no separator here
     assert "".join(m.text for m in messages[1:]) == text
+
+
+def test_prompt_prefix_with_encoder_and_decoder_parts(pipeline, t5_model, store):
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(t5_model)
+    model = T5ForConditionalGeneration.from_pretrained(t5_model, dtype=torch.float32).eval()
+    encoder, decoder = torch.load(store / "tuned" / "encoder.pt"), torch.load(store / "tuned" / "decoder.pt")
+    embed, eos = model.get_input_embeddings(), model.config.eos_token_id
+    ids = tokenizer(PROMPT).input_ids
+    tokens = [0]
+    with torch.no_grad():  # greedy by hand: transformers' generate() takes no decoder prefix embeddings
+        x = torch.cat([encoder, embed(torch.tensor(ids))])[None]
+        for _ in range(NEW):
+            y = torch.cat([decoder, embed(torch.tensor(tokens))])[None]
+            tokens.append(int(model(inputs_embeds=x, decoder_inputs_embeds=y).logits[0, -1].argmax()))
+            if tokens[-1] == eos:
+                break
+    request = pb.BatchedGenerationRequest(prefix_id="tuned", requests=[pb.GenerationRequest(text=PROMPT)],
+                                          params=_params())
+    response = pipeline.stub.Generate(request).responses[0]
+    assert response.generated_token_count == len(tokens) - 1
+    assert response.text == tokenizer.decode(tokens[1:], skip_special_tokens=True)
+    assert response.input_token_count == len(ids)  # the prefix (4 + 2 + 1) is not counted
