@@ -1,5 +1,11 @@
-"""The TGIS conformance suite (`test_conformance.py`) on other model families: MPT on tgis_native (ALiBi, no biases)
-and OPT on hf_transformers, each with the demo tokenizer and 256 positions; the reference is transformers."""
+"""The TGIS conformance suite (`test_conformance.py`) on OPT served by hf_transformers (demo tokenizer, 256
+positions; the reference is transformers).
+
+Only one more model here, to keep CI time in check: the native families are checked against transformers
+in `test_model_families.py`, and the suite passed on MPT, Falcon (new architecture), GPT-BigCode and BLOOM
+(but for a stop-sequence test whose choice of text does not fit BLOOM's repetitive output) when run by hand
+with this module's fixture pointed at them.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import pytest
 from tests.families import build_with_tokenizer
 from tests.test_conformance import *  # noqa: F403 (the suite's tests and fixtures run again on these models)
 
-FAMILIES = {"mpt": {"max_seq_len": 256}, "opt": {"max_position_embeddings": 256}}
+FAMILIES = {"opt": {"max_position_embeddings": 256}}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -21,5 +27,4 @@ def tiny_model_path(request, demo_model_path, tmp_path_factory):
 
 def test_engine_is_chosen_by_model_type(server, tiny_model_path):
     model_type = json.loads((tiny_model_path / "config.json").read_text())["model_type"]
-    engine = "tgis_native" if model_type == "mpt" else "hf_transformers"
-    assert f"Engine {engine} for {model_type}" in server.logs()
+    assert f"Engine hf_transformers for {model_type}" in server.logs()

@@ -53,7 +53,14 @@ def _reference(path: Path):
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def t5_path(request, tmp_path_factory) -> Path:
+    """Each variant: the logits test runs on all of them (their differences are in the model's arithmetic)."""
     return build_t5(tmp_path_factory.mktemp(request.param), seed=1, **VARIANTS[request.param])
+
+
+@pytest.fixture(scope="module")
+def flan_path(tmp_path_factory) -> Path:
+    """One variant for the engine-level tests, which exercise the engine's seq2seq path, the same for all."""
+    return build_t5(tmp_path_factory.mktemp("flan-engine"), seed=1, **VARIANTS["flan"])
 
 
 def _decoder_logits(model, encoder_ids: torch.Tensor, decoder_ids: torch.Tensor) -> torch.Tensor:
@@ -96,8 +103,8 @@ def _engine(path: Path) -> Engine:
     return Engine(WorkerConfig(model_name=str(path), device="cpu", kv_cache_memory="16MiB", kv_block_size=4))
 
 
-def test_greedy_equals_generate_singly_batched_chunked_and_preempted(t5_path):
-    ref, engine = _reference(t5_path), _engine(t5_path)
+def test_greedy_equals_generate_singly_batched_chunked_and_preempted(flan_path):
+    ref, engine = _reference(flan_path), _engine(flan_path)
     assert engine.model_info().encoder_decoder
     expected = {rid: _generate(ref, ids) for rid, ids in PROMPTS.items()}
     params = LogitsParams(min_new_tokens=NEW)
@@ -111,15 +118,15 @@ def test_greedy_equals_generate_singly_batched_chunked_and_preempted(t5_path):
     assert tight.counters["preemptions"] > 0
 
 
-def test_repetition_penalty_sees_decoder_ids_only(t5_path):
-    ref, engine = _reference(t5_path), _engine(t5_path)
+def test_repetition_penalty_sees_decoder_ids_only(flan_path):
+    ref, engine = _reference(flan_path), _engine(flan_path)
     got = LocalEngine(engine, prefix_caching=False).generate(
         {"c": PROMPTS["c"]}, NEW, LogitsParams(min_new_tokens=NEW, repetition_penalty=2.0))
     assert got["c"] == _generate(ref, PROMPTS["c"], repetition_penalty=2.0)
 
 
-def test_input_details_are_encoder_ids_with_nan_logprobs(t5_path):
-    engine, ids = _engine(t5_path), PROMPTS["a"]
+def test_input_details_are_encoder_ids_with_nan_logprobs(flan_path):
+    engine, ids = _engine(flan_path), PROMPTS["a"]
     params = LogitsParams(input_details=True, token_logprobs=True, token_ranks=True, top_n_tokens=2)
     result = engine.step(Step(1, [NewSequence("r", token_ids(ids), params)], [],
                               [ScheduledChunk("r", 0, len(ids), token_ids([0, 1]))]))
@@ -146,14 +153,14 @@ def _prefixed_greedy(ref, ids: list[int], encoder: torch.Tensor | None, decoder:
     return out
 
 
-def test_encoder_and_decoder_prompt_prefixes_equal_transformers(t5_path, tmp_path):
+def test_encoder_and_decoder_prompt_prefixes_equal_transformers(flan_path, tmp_path):
     gen = torch.Generator().manual_seed(4)
     parts = {"both": ("encoder.pt", "decoder.pt"), "enc": ("encoder.pt",), "dec": ("decoder.pt",)}
     for prefix_id, files in parts.items():
         (tmp_path / prefix_id).mkdir()
         for name in files:
             torch.save(torch.randn(4 if name == "encoder.pt" else 2, 32, generator=gen), tmp_path / prefix_id / name)
-    engine = Engine(WorkerConfig(model_name=str(t5_path), device="cpu", kv_cache_memory="16MiB", kv_block_size=4,
+    engine = Engine(WorkerConfig(model_name=str(flan_path), device="cpu", kv_cache_memory="16MiB", kv_block_size=4,
                                  prefix_store_path=str(tmp_path)))
     lengths = {"both": 4 + 2 + 1, "enc": 4, "dec": 2 + 1}  # TGIS: encoder rows + decoder rows + the start token
     requests = [GenerateRequest(f"{rid}-{pid}", token_ids([0] * lengths[pid] + PROMPTS[rid]),
@@ -162,7 +169,7 @@ def test_encoder_and_decoder_prompt_prefixes_equal_transformers(t5_path, tmp_pat
     local = LocalEngine(engine, prefix_caching=False, max_prefill_tokens=8)
     local.batcher.submit(b"local", requests)
     got = local.run({r.request_id: [] for r in requests})
-    ref = _reference(t5_path)
+    ref = _reference(flan_path)
     for r in requests:
         folder = tmp_path / r.prefix_id
         encoder, decoder = (torch.load(folder / name) if (folder / name).exists() else None
@@ -189,11 +196,11 @@ def test_tensor_parallel_matches_single_rank(tmp_path, monkeypatch):
         torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected, atol=1e-5, rtol=0)
 
 
-def test_int8_quantizes_t5_linear_layers(t5_path):
-    model = load_model(t5_path, torch.float32, CPU, quantize="int8")
+def test_int8_quantizes_t5_linear_layers(flan_path):
+    model = load_model(flan_path, torch.float32, CPU, quantize="int8")
     assert not [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     encoder_ids, decoder_ids = _inputs()
     with torch.no_grad():
-        expected = _reference(t5_path)(input_ids=encoder_ids[None], decoder_input_ids=decoder_ids[None]).logits[0]
+        expected = _reference(flan_path)(input_ids=encoder_ids[None], decoder_input_ids=decoder_ids[None]).logits[0]
     got = _decoder_logits(model, encoder_ids, decoder_ids)
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
