@@ -26,6 +26,7 @@ from services.gateway.validation import (
     ValidationError,
     check_input,
     convert_and_validate,
+    refuse_adapter,
     with_prefix_placeholders,
 )
 
@@ -107,9 +108,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, SCHEDULER_UNAVAILABLE)
 
     async def _validate(self, texts: list[str], params_pb, prefix_id: str | None, received_at: float,
-                        context) -> tuple[ValidatedParams, list[ValidatedInput]]:
+                        context, adapter_id: str | None = None) -> tuple[ValidatedParams, list[ValidatedInput]]:
         started = time.monotonic()
         try:
+            refuse_adapter(adapter_id)
             params = convert_and_validate(params_pb, self.limits, received_at)
             prefix_length = 0
             if prefix_id:
@@ -220,7 +222,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         try:
             prefix_id = request.prefix_id if request.HasField("prefix_id") else None
             params, inputs = await self._validate([r.text for r in request.requests], request.params, prefix_id,
-                                                  received_at, context)
+                                                  received_at, context, request.adapter_id)
             generations = await self._start(params, inputs, received_at, stream=False, context=context)
             try:
                 results = await asyncio.gather(*(self._collect(g, kind, received_at) for g in generations))
@@ -283,7 +285,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "missing request")
             prefix_id = request.prefix_id if request.HasField("prefix_id") else None
             params, inputs = await self._validate([request.request.text], request.params, prefix_id, received_at,
-                                                  context)
+                                                  context, request.adapter_id)
             first = pb.GenerationResponse(input_token_count=inputs[0].input_length, seed=inputs[0].seed)
             if params.input_text:
                 first.text = request.request.text
@@ -327,6 +329,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.metrics.tokenize_request_input_count.inc(len(request.requests))
         if not request.requests:
             return pb.BatchedTokenizeResponse()
+        # prefix_id (the adapter's) changes no count: a prompt prefix is not part of input_token_count.
+        try:
+            refuse_adapter(request.adapter_id)
+        except ValidationError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             encoded = await self.pool.tokenize([r.text for r in request.requests], request.return_tokens,
                                                request.return_offsets)

@@ -77,6 +77,13 @@ class ValidatedInput:
     prefix_length: int = 0  # virtual tokens of the call's prompt prefix (not in input_length)
 
 
+def refuse_adapter(adapter_id: str | None) -> None:
+    """LoRA adapters (the vLLM TGIS adapter's `adapter_id`) are not served yet: name the id, in the adapter's words."""
+    if adapter_id:
+        raise ValidationError(f"can't retrieve adapter with id '{adapter_id}': "
+                              "adapter_id supplied but no adapter store was configured")
+
+
 def convert_and_validate(params: pb.Parameters | None, limits: Limits, received_at: float | None = None) -> ValidatedParams:
     """TGIS `convert_params` + `validate` checks 1-11 (prefix lookup is the caller's)."""
     received_at = time.time() if received_at is None else received_at
