@@ -105,6 +105,19 @@ class ModelInfo(Wire):
     hidden_size: int = 0  # embedding width: what a prompt prefix's embeddings must match
 
 
+class GuideKind(enum.IntEnum):
+    """Guided decoding's constraint kinds (the vLLM TGIS adapter's `DecodingParameters.guided`)."""
+
+    NONE = 0
+    JSON = 1  # any JSON object; the text is empty
+    JSON_SCHEMA = 2
+    REGEX = 3
+    GRAMMAR = 4  # EBNF (xgrammar's dialect); choices arrive as a grammar of alternatives
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
 class LogitsParams(Wire):
     """Per-sequence logits processing and sampling settings (TGIS semantics, already converted).
 
@@ -126,6 +139,9 @@ class LogitsParams(Wire):
     top_n_tokens: int = 0
     generated_details: bool = False
     input_details: bool = False
+    # Guided decoding: generated tokens must keep the output inside this constraint (its text: schema, regex, grammar).
+    guide_kind: GuideKind = GuideKind.NONE
+    guide: str = ""
 
     @property
     def sampling(self) -> bool:

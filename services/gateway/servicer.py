@@ -13,6 +13,7 @@ from msgspec.structs import replace
 
 from services.common.protocol import DetokParams, GenerateRequest, StopReason
 from services.gateway.generation import FailedEvent, Generation, InputTokensEvent, TokenEvent
+from services.gateway.guided import check_guide
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pb import generation_pb2 as pb
 from services.gateway.pb import generation_pb2_grpc
@@ -113,6 +114,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         try:
             refuse_adapter(adapter_id)
             params = convert_and_validate(params_pb, self.limits, received_at)
+            if params.logits.guide_kind:  # parsing a schema or grammar may take milliseconds: off the event loop
+                if (error := await asyncio.to_thread(check_guide, params.logits.guide_kind, params.logits.guide)):
+                    raise ValidationError(error)
             prefix_length = 0
             if prefix_id:
                 prefix_length = await self.prefixes.length(prefix_id)

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from services.common.protocol import LogitsParams, StopParams, TokenIds, token_ids
+from services.gateway.guided import guide_of
 from services.gateway.pb import generation_pb2 as pb
 
 MAX_STOP_SEQS = 6
@@ -141,6 +142,10 @@ def convert_and_validate(params: pb.Parameters | None, limits: Limits, received_
         raise ValidationError("must request input and/or generated tokens to request extra token detail")
     if any(not s or len(s.encode("utf-8")) > MAX_STOP_SEQ_LENGTH for s in stop_sequences):
         raise ValidationError(STOP_SEQ_ERROR)
+    # Guided decoding (vLLM TGIS adapter): the constraint itself is checked by the caller (check_guide).
+    guide_kind, guide = guide_of(decoding)
+    if decoding.WhichOneof("guided") == "choice" and not decoding.choice.choices:
+        raise ValidationError("guided decoding choice must list at least one string")
 
     logits = LogitsParams(
         temperature=temperature, top_k=top_k, top_p=top_p, typical_p=typical_p, seed=0,
@@ -152,6 +157,7 @@ def convert_and_validate(params: pb.Parameters | None, limits: Limits, received_
         # top_n above the documented 5 is accepted, as in TGIS, up to the vocabulary size.
         top_n_tokens=min(response.top_n_tokens, limits.vocab_size) if limits.vocab_size else response.top_n_tokens,
         generated_details=response.generated_tokens, input_details=response.input_tokens,
+        guide_kind=guide_kind, guide=guide,
     )
     return ValidatedParams(
         logits=logits, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,

@@ -34,6 +34,7 @@ from services.common.protocol import (
 from services.worker.checkpoint import load_model
 from services.worker.compile import compile_model, pt2_compile_enabled, warm_up
 from services.worker.config import WorkerConfig
+from services.worker.guided import Guide, Guides, allow_eos_where_stuck, mask_guided
 from services.worker.kv_cache import PagedKVCache, budget_bytes
 from services.worker.paged_attention import PagedBatch, forward_context
 from services.worker.prefixes import covers_prefix, embed_with_prefixes, load_prefix, open_store
@@ -109,6 +110,7 @@ class Sequence:
     details_sent: bool = field(default=False)
     prefix: Prefix | None = None  # prompt prefix, its embeddings replacing those of the first prompt positions
     cross: list | None = None  # encoder-decoder models: the encoder output's cross-attention K/V (seq2seq.py)
+    guide: Guide | None = None  # guided decoding: the constraint's matcher, advanced with each token (guided.py)
 
 
 @dataclass
@@ -166,6 +168,8 @@ class Engine:
             budget_bytes(config.kv_cache_memory, self.device), self.max_sequence_length, args.num_layers,
             config.kv_block_size, self.model.kv_heads_per_rank, args.head_dim, self.dtype, self.device)
         self.sequences: dict[str, Sequence] = {}
+        self.guides = Guides(self.model_path, self.vocab_size, self.eos_id)
+        self._guide_failures: dict[str, str] = {}  # sequences whose constraint failed to compile, this step
         self.encoder_decoder = getattr(self.model, "encoder_decoder", False)
         self.prefixes = open_store(config.prefix_store_path, config.prompt_cache_size_mb,
                                    config.max_prompt_prefix_length, args.hidden_size, self.dtype,
@@ -208,6 +212,8 @@ class Engine:
                 self.sequences.pop(chunk.request_id, None)
         started = time.perf_counter_ns()
         outputs = self._run(planned) if planned else []
+        failed.update(self._guide_failures)
+        self._guide_failures.clear()
         return StepResult(step_id=step.step_id, outputs=outputs, forward_ns=time.perf_counter_ns() - started,
                           failed=failed)
 
@@ -239,7 +245,8 @@ class Engine:
             history = [self.model.args.decoder_start_token_id] if self.encoder_decoder else ids
             seen[torch.tensor(history, device=self.device)] = True
         self.sequences[new.request_id] = Sequence(new.request_id, new.logits, make_generator(new.logits, self.device),
-                                                  ids, len(ids), seen=seen, prefix=prefix)
+                                                  ids, len(ids), seen=seen, prefix=prefix,
+                                                  guide=self.guides.start(new.logits))
 
     def _check_chunk(self, chunk: ScheduledChunk) -> Sequence:
         seq = self.sequences.get(chunk.request_id)
@@ -301,6 +308,7 @@ class Engine:
         last = torch.tensor([last for _, _, last in sampling], device=self.device)
         # Indexing copies the rows, so processing them in place leaves the raw logits to input details.
         scores = logits.index_select(0, last)
+        guided = mask_guided(self.guides, seqs, scores, self._guide_failures)
         if all(is_plain_greedy(p) for p in params):  # nothing to process: the argmax is the token
             tokens = scores.argmax(dim=-1)
         else:
@@ -311,10 +319,15 @@ class Engine:
                 no_ids = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
                 seen = torch.stack([no_ids if seq.seen is None else seq.seen for seq in seqs])
             scores = process(scores, batch, generated, seen, self.eos_id, self.pad_id)
+            if guided:
+                allow_eos_where_stuck(scores, guided, self.eos_id)
             tokens = choose(scores, batch, [seq.generator for seq in seqs])
         outputs = []
         for i, ((p, first, last_row), token) in enumerate(zip(sampling, tokens.tolist(), strict=True)):
             seq = p.sequence
+            if seq.request_id in self._guide_failures:
+                self.sequences.pop(seq.request_id, None)
+                continue
             details = None
             if p.wants_input_details:
                 prompt = torch.tensor(seq.tokens[: seq.prompt_length], device=self.device)
@@ -322,6 +335,8 @@ class Engine:
                 seq.details_sent = True
             seq.tokens.append(token)
             seq.generated += 1
+            if seq.guide is not None:
+                seq.guide.accept(token)
             if seq.seen is not None:
                 seq.seen[token] = True
             outputs.append(SequenceOutput(seq.request_id, token_detail(seq.params, scores[i], token), details))
