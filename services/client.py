@@ -31,6 +31,7 @@ def _params(args: argparse.Namespace) -> pb.Parameters:
         stopping=pb.StoppingCriteria(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                                      stop_sequences=args.stop or []),
     )
+    _guide(params.decoding, args)
     if args.sample:
         params.sampling.temperature = args.temperature
         params.sampling.top_k = args.top_k
@@ -38,6 +39,22 @@ def _params(args: argparse.Namespace) -> pb.Parameters:
         if args.seed is not None:
             params.sampling.seed = args.seed
     return params
+
+
+def _guide(decoding: pb.DecodingParameters, args: argparse.Namespace) -> None:
+    """Guided decoding (the vLLM TGIS adapter's extension): at most one constraint, files read here."""
+    if args.json:
+        decoding.format = pb.DecodingParameters.JSON
+    elif args.json_schema:
+        with open(args.json_schema, encoding="utf-8") as f:
+            decoding.json_schema = f.read()
+    elif args.regex is not None:
+        decoding.regex = args.regex
+    elif args.choice is not None:
+        decoding.choice.choices.extend(args.choice.split(","))
+    elif args.grammar:
+        with open(args.grammar, encoding="utf-8") as f:
+            decoding.grammar = f.read()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
+    guide = gen.add_mutually_exclusive_group()
+    guide.add_argument("--json", action="store_true", help="constrain the output to a JSON object")
+    guide.add_argument("--json-schema", metavar="FILE", help="constrain the output to this JSON schema")
+    guide.add_argument("--regex", metavar="R", help="constrain the output to this regular expression")
+    guide.add_argument("--choice", metavar="A,B", help="the output is one of these comma-separated strings")
+    guide.add_argument("--grammar", metavar="FILE", help="constrain the output to this EBNF grammar")
+    gen.add_argument("--adapter-id", help="LoRA adapter to generate with (vLLM TGIS adapter extension)")
     tok = sub.add_parser("tokenize", help="count (and show) the tokens of texts")
     tok.add_argument("texts", nargs="+")
     sub.add_parser("model-info", help="show the served model's limits")
@@ -66,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     stub = generation_pb2_grpc.GenerationServiceStub(_channel(args))
     try:
         if args.command == "generate" and args.stream:
-            request = pb.SingleGenerationRequest(request=pb.GenerationRequest(text=args.texts[0]), params=_params(args))
+            request = pb.SingleGenerationRequest(request=pb.GenerationRequest(text=args.texts[0]), params=_params(args),
+                                                 adapter_id=args.adapter_id)
             for message in stub.GenerateStream(request):
                 sys.stdout.write(message.text)
                 sys.stdout.flush()
@@ -74,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"\n[{pb.StopReason.Name(message.stop_reason)}, {message.generated_token_count} tokens]")
         elif args.command == "generate":
             request = pb.BatchedGenerationRequest(requests=[pb.GenerationRequest(text=t) for t in args.texts],
-                                                  params=_params(args))
+                                                  params=_params(args), adapter_id=args.adapter_id)
             for response in stub.Generate(request).responses:
                 print(f"{response.text!r} [{pb.StopReason.Name(response.stop_reason)}, "
                       f"{response.generated_token_count} tokens, seed {response.seed}]")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+
 import grpc
 import pytest
 
+from services import client
 from services.gateway.pb import generation_pb2 as pb
 from tests import reference
 from tests.guided_checks import CHOICES, DECODING, check
@@ -130,3 +133,21 @@ def test_adapter_id_is_refused_naming_it_and_tokenize_takes_prefix_id(pipeline):
     prefixed = pipeline.stub.Tokenize(pb.BatchedTokenizeRequest(prefix_id="any",
                                                                 requests=[pb.TokenizeRequest(text="Hello world")]))
     assert prefixed == plain
+
+
+def test_tgis_client_constraint_flags(pipeline, tmp_path, capsys):
+    schema = tmp_path / "schema.json"
+    schema.write_text(DECODING["json_schema"].json_schema)
+    address = ["--address", pipeline.address]
+    assert client.main([*address, "generate", PROMPTS["choice"], "--choice", ",".join(CHOICES)]) == 0
+    text, status = capsys.readouterr().out.rsplit(" [", 1)
+    assert ast.literal_eval(text) in CHOICES and status.startswith("EOS_TOKEN")
+    assert client.main([*address, "generate", PROMPTS["regex"], "--regex", "[0-9]{3}-[a-z]{2,8}", "--stream"]) == 0
+    text, status = capsys.readouterr().out.rsplit("\n[", 1)
+    check("regex", text, status.startswith("EOS_TOKEN"))
+    assert client.main([*address, "generate", PROMPTS["json_schema"], "--json-schema", str(schema),
+                        "--max-new-tokens", str(MAX_NEW)]) == 0
+    text, status = capsys.readouterr().out.rsplit(" [", 1)
+    check("json_schema", ast.literal_eval(text), status.startswith("EOS_TOKEN"))
+    assert client.main([*address, "generate", "x", "--adapter-id", "my-lora"]) == 1
+    assert "can't retrieve adapter with id 'my-lora'" in capsys.readouterr().err
