@@ -7,6 +7,7 @@ import math
 import pytest
 from transformers import AutoTokenizer
 
+from bench import guided_cost
 from services.common.protocol import GenerateRequest, GuideKind, LogitsParams, StopParams, token_ids
 from services.gateway.guided import guide_of
 from services.worker.config import WorkerConfig
@@ -101,3 +102,10 @@ def test_a_constraint_the_worker_cannot_compile_fails_that_request_alone(engine,
     local = run(engine, {"bad": (tokenizer.encode("x"), bad, 0), "ok": (tokenizer.encode("y"), LogitsParams(), 4)})
     assert "failed to compile" in local.failures["bad"] and "parenthesis" in local.failures["bad"]
     assert len(local.got["ok"]) == 16
+
+
+def test_the_cost_benchmark_runs(tiny_model_path, capsys):
+    assert guided_cost.main(["--batch", "2", "--steps", "2", "--kinds", "json,grammar", "--model",
+                             str(tiny_model_path)]) == 0
+    out = capsys.readouterr().out
+    assert "json " in out and "grammar " in out and "per token" in out
