@@ -55,6 +55,7 @@ class LauncherConfig:
     prompt_cache_size_mb: int = knob(512, "PROMPT_CACHE_SIZE_MB", "MiB of prompt prefixes kept loaded, per gateway and per worker rank")
     max_prompt_prefix_length: int | None = knob(None, "MAX_PROMPT_PREFIX_LENGTH", "longest prompt prefix in virtual tokens (default: half of max_sequence_length)")
     pt2_compile: str | None = knob(None, "PT2_COMPILE", "torch.compile the workers' forward pass: any value but false (start-up compiles for minutes)")
+    guided_decoding_cache_size: int = knob(256, "GUIDED_DECODING_CACHE_SIZE", "guided decoding: distinct constraints (schemas, regexes, grammars) kept compiled per worker rank")
     num_shard: int | None = knob(None, "NUM_SHARD", "worker ranks (tensor parallel degree)")
     max_concurrent_requests: int = knob(512, "MAX_CONCURRENT_REQUESTS", "inputs in flight before 'Model is overloaded'")
     max_sequence_length: int | None = knob(None, "MAX_SEQUENCE_LENGTH", "max input + output tokens (default: model config, else 2048)")
@@ -185,7 +186,7 @@ class Launcher:
             "QUANTIZE": c.quantize, "QUANTIZE_GROUP_SIZE": c.quantize_group_size,
             "DEPLOYMENT_FRAMEWORK": c.deployment_framework, "PREFIX_STORE_PATH": c.prefix_store_path,
             "PROMPT_CACHE_SIZE_MB": c.prompt_cache_size_mb, "MAX_PROMPT_PREFIX_LENGTH": c.max_prompt_prefix_length,
-            "PT2_COMPILE": c.pt2_compile,
+            "PT2_COMPILE": c.pt2_compile, "GUIDED_DECODING_CACHE_SIZE": c.guided_decoding_cache_size,
             "MAX_SEQUENCE_LENGTH": c.max_sequence_length, "MAX_NEW_TOKENS": c.max_new_tokens,
             "MAX_BATCH_SIZE": c.max_batch_size, "MAX_WAITING_TOKENS": c.max_waiting_tokens,
             "KV_CACHE_MEMORY": c.kv_cache_memory, "KV_BLOCK_SIZE": c.kv_block_size,

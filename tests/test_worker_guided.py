@@ -12,6 +12,7 @@ from services.common.protocol import GenerateRequest, GuideKind, LogitsParams, S
 from services.gateway.guided import guide_of
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
+from services.worker.guided import Guides
 from tests.guided_checks import CHOICES, DECODING, check
 from tests.local_engine import LocalEngine
 
@@ -109,3 +110,16 @@ def test_the_cost_benchmark_runs(tiny_model_path, capsys):
                              str(tiny_model_path)]) == 0
     out = capsys.readouterr().out
     assert "json " in out and "grammar " in out and "per token" in out
+
+
+def test_compiled_constraints_are_cached_by_text_up_to_the_knob(engine):
+    guides = Guides(engine.model_path, engine.vocab_size, engine.eos_id, cache_size=2)
+    first = guides.start(LogitsParams(guide_kind=GuideKind.REGEX, guide="a+"))
+    first.matcher()
+    again = guides.start(LogitsParams(guide_kind=GuideKind.REGEX, guide="a+"))
+    assert again._compiled is first._compiled  # the same compiled grammar, not compiled twice
+    for text in ("b+", "c+"):
+        guides.start(LogitsParams(guide_kind=GuideKind.REGEX, guide=text)).matcher()
+    assert list(guides._compiled) == [(GuideKind.REGEX, "b+"), (GuideKind.REGEX, "c+")]
+    assert guides.start(LogitsParams(guide_kind=GuideKind.REGEX, guide="a+"))._compiled is not first._compiled
+    assert guides.start(LogitsParams()) is None

@@ -168,7 +168,7 @@ class Engine:
             budget_bytes(config.kv_cache_memory, self.device), self.max_sequence_length, args.num_layers,
             config.kv_block_size, self.model.kv_heads_per_rank, args.head_dim, self.dtype, self.device)
         self.sequences: dict[str, Sequence] = {}
-        self.guides = Guides(self.model_path, self.vocab_size, self.eos_id)
+        self.guides = Guides(self.model_path, self.vocab_size, self.eos_id, config.guided_decoding_cache_size)
         self._guide_failures: dict[str, str] = {}  # sequences whose constraint failed to compile, this step
         self.encoder_decoder = getattr(self.model, "encoder_decoder", False)
         self.prefixes = open_store(config.prefix_store_path, config.prompt_cache_size_mb,

@@ -28,8 +28,6 @@ from services.common.protocol import GuideKind, LogitsParams
 
 logger = logging.getLogger(__name__)
 
-COMPILED_CACHE_SIZE = 256  # distinct constraints kept compiled (least recently used dropped first)
-
 
 class GuideError(ValueError):
     """The constraint could not be compiled for this model's tokenizer; its request fails alone."""
@@ -80,8 +78,9 @@ class Guide:
 class Guides:
     """Compiles constraints for one model's tokenizer (lazily: xgrammar and its vocabulary take seconds to load)."""
 
-    def __init__(self, model_path: Path, vocab_size: int, eos_id: int) -> None:
+    def __init__(self, model_path: Path, vocab_size: int, eos_id: int, cache_size: int = 256) -> None:
         self.model_path = model_path
+        self.cache_size = cache_size  # distinct constraints kept compiled (GUIDED_DECODING_CACHE_SIZE)
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="guide-compile")
@@ -98,7 +97,7 @@ class Guides:
         if future is None or (future.done() and future.exception() is not None):  # a failed compile is retried
             future = self._pool.submit(self._compile, *key)
             self._compiled[key] = future
-            while len(self._compiled) > COMPILED_CACHE_SIZE:
+            while len(self._compiled) > self.cache_size:
                 self._compiled.popitem(last=False)
         self._compiled.move_to_end(key)
         return Guide(future, self.eos_id)
