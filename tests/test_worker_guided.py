@@ -123,3 +123,11 @@ def test_compiled_constraints_are_cached_by_text_up_to_the_knob(engine):
     assert list(guides._compiled) == [(GuideKind.REGEX, "b+"), (GuideKind.REGEX, "c+")]
     assert guides.start(LogitsParams(guide_kind=GuideKind.REGEX, guide="a+"))._compiled is not first._compiled
     assert guides.start(LogitsParams()) is None
+
+
+def test_a_length_penalty_never_lets_eos_past_the_constraint(engine, tokenizer):
+    engine.reset()
+    # The boost grows EOS's score; where the constraint forbids EOS (-inf) it must stay forbidden.
+    params = guided("json_schema", length_penalty_start=0, length_penalty_decay=10.0)
+    local = run(engine, {"j": (tokenizer.encode("Person:"), params, 0)})
+    check("json_schema", *text_of(tokenizer, local.got["j"], engine.eos_id))

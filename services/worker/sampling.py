@@ -95,7 +95,8 @@ def process(scores: torch.Tensor, batch: BatchParams, generated: torch.Tensor, s
     if batch.any(lambda p: p.min_new_tokens > 0 or p.length_penalty_decay != 0):
         eos = scores[:, eos_id]
         past = generated - batch.length_start
-        penalize = (batch.length_decay != 0) & (past > 0)
+        # A guided-decoding mask may have set EOS to -inf already: -inf + inf would be NaN, which argmax would pick.
+        penalize = (batch.length_decay != 0) & (past > 0) & torch.isfinite(eos)
         factor = (batch.length_decay ** past.clamp(min=0) - 1).to(scores.dtype)
         eos = torch.where(penalize, eos + eos.abs() * factor, eos)
         scores[:, eos_id] = eos.masked_fill(generated < batch.min_new_tokens, NEG_INF)
