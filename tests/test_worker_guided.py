@@ -47,7 +47,7 @@ def text_of(tokenizer, ids: list[int], eos: int) -> tuple[str, bool]:
     return tokenizer.decode(ids[:-1] if finished else ids), finished
 
 
-@pytest.mark.parametrize("setting", [dict(), dict(num_blocks=24, max_prefill_tokens=8)])  # 2nd: preemptions
+@pytest.mark.parametrize("setting", [dict(), dict(num_blocks=12, max_prefill_tokens=8)])  # 2nd: preemptions
 def test_five_kinds_beside_free_rows_which_are_unchanged(engine, tokenizer, setting):
     engine.reset()
     prompts = [tokenizer.encode(t) for t in ("Answer:", "A JSON object:", "Code", "Pick one", "Sum")]
@@ -56,6 +56,7 @@ def test_five_kinds_beside_free_rows_which_are_unchanged(engine, tokenizer, sett
     requests = {kind: (prompt, guided(kind), 0) for kind, prompt in zip(DECODING, prompts, strict=True)}
     local = run(engine, {**requests, **free}, **setting)
     assert not local.failures
+    assert (local.counters["preemptions"] > 0) == ("num_blocks" in setting)
     for rid in free:
         assert local.got[rid] == alone[rid], rid
     for kind in DECODING:
