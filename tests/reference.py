@@ -37,10 +37,17 @@ def greedy(model_path: Path, prompt: str, max_new_tokens: int = 20) -> Expected:
     tokenizer, model = load(model_path)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True).input_ids
     eos = eos_id(model)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=eos, pad_token_id=eos, num_beams=1, repetition_penalty=1.0,
-                             temperature=None, top_p=None, top_k=None)
+    # One thread: the servers under test share this machine's cores, and two OpenMP threads that keep being
+    # preempted by them made generate() up to ~50x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos, num_beams=1,
+                                 repetition_penalty=1.0, temperature=None, top_p=None, top_k=None)
+    finally:
+        torch.set_num_threads(threads)
     new = out[0, ids.shape[1]:].tolist()
     if eos in new:
         new = new[: new.index(eos) + 1]
