@@ -68,7 +68,8 @@ class Guide:
             return
         matcher = self.matcher()
         if not matcher.accept_token(token):
-            # Only possible when min_new_tokens forced a token past the constraint's end (see allow_eos_where_stuck).
+            # Not expected (the token was chosen from the masked scores, and a forced EOS comes only where the
+            # constraint allows nothing else); if it happens, the output ends here rather than leave the constraint.
             logger.warning("guided decoding: token %d is outside the constraint; only EOS follows", token)
             self.ended = True
         elif matcher.is_terminated():
