@@ -129,22 +129,27 @@ def test_long_prompt_is_chunked_beside_decodes():
                       [("short", 5, 1), ("long", 16, 4)], [("short", 6, 1), ("long", 20, 1)]]
 
 
-def test_prompt_chunks_shrink_while_others_decode():
-    b = Batcher(max_batch_size=4, max_waiting_tokens=1, eos_token_id=EOS, max_prefill_tokens=8,
+def test_long_prompt_chunks_shrink_while_others_decode():
+    b = Batcher(max_batch_size=6, max_waiting_tokens=1, eos_token_id=EOS, max_prefill_tokens=8,
                 max_prefill_tokens_while_decoding=3)
-    b.submit(GW, [GenerateRequest("long", token_ids(range(1, 12)), LogitsParams(), StopParams(5), 0)])
-    b.submit(GW, [GenerateRequest("next", token_ids(range(20, 27)), LogitsParams(), StopParams(5), 0),
+    b.submit(GW, [GenerateRequest("long", token_ids(range(1, 12)), LogitsParams(), StopParams(9), 0)])
+    b.submit(GW, [GenerateRequest("next", token_ids(range(20, 27)), LogitsParams(), StopParams(9), 0),
                   GenerateRequest("details", token_ids(range(30, 36)), LogitsParams(input_details=True),
-                                  StopParams(5), 0)])
-    steps = [[(c.request_id, c.start, c.count) for c in run_step(b)[0].run] for _ in range(4)]
+                                  StopParams(9), 0)])
+    steps = [[(c.request_id, c.start, c.count) for c in run_step(b)[0].run] for _ in range(3)]
     assert steps == [
         [("long", 0, 8)],  # nobody decodes: the whole budget
         [("long", 8, 3), ("next", 0, 5)],
-        # "long" decodes: 3 prompt tokens per step for ordinary prompts; input details need the whole prompt in
-        # one chunk, and only the step's budget applies to it (steady decoding cannot starve it)
+        # "long" decodes: what is left of "next" fits the cap and runs whole; input details need the whole prompt
+        # in one chunk and only the step's budget applies to it (steady decoding cannot starve it)
         [("long", 11, 1), ("next", 5, 2), ("details", 0, 6)],
-        [("long", 12, 1), ("next", 7, 1), ("details", 6, 1)],
     ]
+    b.submit(GW, [GenerateRequest("big", token_ids(range(40, 50)), LogitsParams(), StopParams(9), 0),
+                  GenerateRequest("tiny", token_ids(range(50, 53)), LogitsParams(), StopParams(9), 0)])
+    steps = [[(c.request_id, c.start, c.count) for c in run_step(b)[0].run][3:] for _ in range(3)]
+    # After the first three decodes: 3 tokens a step of the long prompt; the short one joins whole beside it
+    # (then decodes, listed before the prompt chunks).
+    assert steps == [[("big", 0, 3), ("tiny", 0, 3)], [("tiny", 3, 1), ("big", 3, 3)], [("tiny", 4, 1), ("big", 6, 3)]]
 
 
 def test_blocks_freed_on_stop_and_cached_prefix_reused():

@@ -215,8 +215,8 @@ class Batcher:
             length = len(sequence.tokens)
             if budget <= 0 or (sequence.one_chunk and budget < min(length, self.max_prefill_tokens)):
                 break  # a prompt wanting input details longer than the budget runs when it has it all
-            if cap <= 0 and not sequence.one_chunk:
-                break
+            if cap <= 0 and not sequence.one_chunk and length > self.max_prefill_tokens_while_decoding:
+                break  # a long prompt waits for the next step's cap (first come, first served)
             hit_blocks, hashes = ([], []) if sequence.one_chunk else self.blocks.cached_prefix(
                 sequence.tokens, length - 1, sequence.cache_root)
             need = blocks_for(length, self.blocks.block_size) - len(hit_blocks) + self.blocks.usable(hit_blocks)
@@ -232,10 +232,24 @@ class Batcher:
                 sequence.started_at = now
             self.running[sequence.request_id] = sequence
             self.plan.added.append(sequence)
-            count = length - sequence.computed if sequence.one_chunk else min(budget, cap, length - sequence.computed)
+            count, long = self._prompt_chunk(sequence, budget, cap)
             chunks.append(self._chunk(sequence, count))
-            budget, cap = budget - count, cap - count
+            budget, cap = budget - count, cap - count if long else cap
         return chunks
+
+    def _prompt_chunk(self, sequence: Sequence, budget: int, cap: int) -> tuple[int, bool]:
+        """How many prompt tokens `sequence` computes this step, and whether the long-prompt cap applies to it.
+
+        A prompt wanting input details runs whole; one with at most MAX_PREFILL_TOKENS_WHILE_DECODING tokens left
+        runs whole within the budget (short prompts arriving together all get their first token soon); a longer
+        one is chunked by the cap too.
+        """
+        remaining = len(sequence.tokens) - sequence.computed
+        if sequence.one_chunk:
+            return remaining, False
+        if remaining <= self.max_prefill_tokens_while_decoding:
+            return min(remaining, budget), False
+        return min(remaining, budget, cap), True
 
     def _chunk(self, sequence: Sequence, count: int) -> ScheduledChunk:
         start = sequence.computed
@@ -253,16 +267,16 @@ class Batcher:
         for sequence in list(self.running.values()):
             if sequence.request_id in self.running and sequence.decoding and self._preempt_for(sequence):
                 chunks.append(self._chunk(sequence, 1))
-        # `budget` bounds all prompt tokens of the step; `cap` the chunks of ordinary prompts, lower while
-        # sequences decode (the chunks so far are their decodes). A prompt wanting input details needs its
-        # whole prompt in one chunk: only `budget` applies to it, so it is not starved by steady decoding.
+        # `budget` bounds all prompt tokens of the step; `cap`, lower while sequences decode (the chunks so far are
+        # their decodes), bounds the chunks of long prompts, the ones that would stall those sequences.
         budget = self.max_prefill_tokens
         cap = self.max_prefill_tokens_while_decoding if chunks else budget
         for sequence in list(self.running.values()):
-            if min(budget, cap) > 0 and not sequence.decoding and sequence.computed < len(sequence.tokens):
-                count = min(budget, cap, len(sequence.tokens) - sequence.computed)
-                chunks.append(self._chunk(sequence, count))
-                budget, cap = budget - count, cap - count
+            if budget > 0 and not sequence.decoding and sequence.computed < len(sequence.tokens):
+                count, long = self._prompt_chunk(sequence, budget, cap)
+                if count > 0:
+                    chunks.append(self._chunk(sequence, count))
+                    budget, cap = budget - count, cap - count if long else cap
         if not self.plan.counters.get("preemptions"):  # blocks just ran out: nobody joins this step
             chunks += self._admit(now, budget, cap)
         if not (chunks or self.to_remove):
