@@ -25,7 +25,7 @@ def _adapter_file_descriptor(tmp: Path) -> descriptor_pb2.FileDescriptorProto:
     """The adapter's serialized descriptor, read from its wheel without importing it (its names clash with ours)."""
     try:
         subprocess.run([sys.executable, "-m", "pip", "download", f"vllm-tgis-adapter=={ADAPTER_VERSION}", "--no-deps",
-                        "--quiet", "-d", str(tmp)], check=True, timeout=120, capture_output=True)
+                        "--quiet", "--timeout", "10", "--retries", "1", "-d", str(tmp)], check=True, timeout=120, capture_output=True)
     except (subprocess.SubprocessError, OSError) as exc:
         pytest.skip(f"the vllm-tgis-adapter wheel could not be fetched from PyPI (offline?): {exc}")
     wheel = next(tmp.glob("vllm_tgis_adapter-*.whl"))
