@@ -259,17 +259,24 @@ def test_time_limit_in_batch_and_in_queue(server, tok):
 
     async def scenario():
         channel, stub = server.aio_stub()
-        fill = pb.BatchedGenerationRequest(
-            requests=[pb.GenerationRequest(text=PROMPT)] * 8,
+        # A full batch (max_batch_size 8), and the queued request sent mid-way through its tokens: sent after a
+        # fixed sleep, it could arrive as a fast machine finished the batch, find room and run.
+        fill = pb.SingleGenerationRequest(
+            request=pb.GenerationRequest(text=PROMPT),
             params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=150, min_new_tokens=150)))
-        long_call = asyncio.ensure_future(stub.Generate(fill))
-        await asyncio.sleep(0.5)
+        streams = [stub.GenerateStream(fill) for _ in range(8)]
+        received = 0
+        async for _ in streams[0]:
+            received += 1
+            if received == 10:
+                break
         queued = pb.BatchedGenerationRequest(
             requests=[pb.GenerationRequest(text=PROMPT)],
             params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=5, time_limit_millis=1),
                                  response=pb.ResponseOptions(input_text=True)))
         result = (await stub.Generate(queued)).responses[0]
-        long_call.cancel()
+        for stream in streams:
+            stream.cancel()
         await channel.close()
         return result
 
