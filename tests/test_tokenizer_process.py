@@ -208,8 +208,10 @@ def test_process_leaves_cleanly_without_a_gateway(demo_model_path, tmp_path):
         )
         try:
             deadline = time.monotonic() + 30
-            while "Joined" not in log_path.read_text() and time.monotonic() < deadline:
+            # Up and trying (nobody will answer, so it never joins): then SIGTERM must still end it promptly.
+            while "Connecting to the gateway" not in log_path.read_text() and time.monotonic() < deadline:
                 time.sleep(0.05)
+            time.sleep(0.5)  # ten heartbeat intervals: unsendable heartbeats pile up
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(10) == 0
         finally:
