@@ -9,9 +9,10 @@ from pathlib import Path
 import grpc
 
 from bench.launch import LaunchedServer, free_port
+from services.gateway.pb import generation_pb2 as pb
 from services.gateway.pb import generation_pb2_grpc
 
-__all__ = ["Pipeline", "free_port"]
+__all__ = ["Pipeline", "free_port", "greedy_call"]
 
 
 class Pipeline(LaunchedServer):
@@ -55,3 +56,15 @@ class Pipeline(LaunchedServer):
         """Pids of launcher children whose command line contains `name_part`."""
         out = subprocess.run(["pgrep", "-P", str(self.launcher_pid), "-f", name_part], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split()]
+
+
+async def greedy_call(stub, prompt: str, max_new: int, stream: bool, timeout: float) -> tuple[str, int, int]:
+    """(text, generated tokens, stop reason) of one greedy call, streamed (texts joined) or unary."""
+    params = pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=max_new))
+    if stream:
+        messages = [m async for m in stub.GenerateStream(pb.SingleGenerationRequest(
+            request=pb.GenerationRequest(text=prompt), params=params), timeout=timeout)]
+        return "".join(m.text for m in messages), messages[-1].generated_token_count, messages[-1].stop_reason
+    r = (await stub.Generate(pb.BatchedGenerationRequest(
+        requests=[pb.GenerationRequest(text=prompt)], params=params), timeout=timeout)).responses[0]
+    return r.text, r.generated_token_count, r.stop_reason

@@ -21,7 +21,7 @@ import pytest
 
 from services.gateway.pb import generation_pb2 as pb
 from tests import reference
-from tests.pipeline import Pipeline
+from tests.pipeline import Pipeline, greedy_call
 
 pytestmark = pytest.mark.e2e
 
@@ -74,18 +74,9 @@ async def burst(pipeline: Pipeline, n: int, max_new: int, during=None):
     """n concurrent greedy calls (every third one streamed); `during` runs once all of them are running."""
     channel, stub = pipeline.aio_stub()
     async with channel:
-        async def one(prompt: str, streaming: bool):
-            params = pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=max_new))
-            if streaming:
-                messages = [m async for m in stub.GenerateStream(pb.SingleGenerationRequest(
-                    request=pb.GenerationRequest(text=prompt), params=params), timeout=60)]
-                return "".join(m.text for m in messages), messages[-1].generated_token_count, messages[-1].stop_reason
-            r = (await stub.Generate(pb.BatchedGenerationRequest(
-                requests=[pb.GenerationRequest(text=prompt)], params=params), timeout=60)).responses[0]
-            return r.text, r.generated_token_count, r.stop_reason
-
         jobs = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-        tasks = [asyncio.ensure_future(one(prompt, i % 3 == 0)) for i, prompt in enumerate(jobs)]
+        tasks = [asyncio.ensure_future(greedy_call(stub, prompt, max_new, i % 3 == 0, timeout=60))
+                 for i, prompt in enumerate(jobs)]
         if during is not None:
             loop = asyncio.get_running_loop()
             deadline = time.monotonic() + 30

@@ -16,10 +16,10 @@ import signal
 import grpc
 import pytest
 
-from services.gateway.pb import generation_pb2 as pb
 from services.gateway.pb import generation_pb2_grpc
 from tests import reference
 from tests.cluster import Cluster, GatewayPorts, Replica, http_get, metric_values, tcp, wait_for
+from tests.pipeline import greedy_call
 
 pytestmark = pytest.mark.e2e
 
@@ -96,15 +96,8 @@ def expected(model, prompt: str, max_new: int) -> tuple[str, int, int]:
 
 
 async def _one(stub, prompt: str, max_new: int, stream: bool):
-    params = pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=max_new))
     try:
-        if stream:
-            messages = [m async for m in stub.GenerateStream(pb.SingleGenerationRequest(
-                request=pb.GenerationRequest(text=prompt), params=params), timeout=90)]
-            return "".join(m.text for m in messages), messages[-1].generated_token_count, messages[-1].stop_reason
-        r = (await stub.Generate(pb.BatchedGenerationRequest(
-            requests=[pb.GenerationRequest(text=prompt)], params=params), timeout=90)).responses[0]
-        return r.text, r.generated_token_count, r.stop_reason
+        return await greedy_call(stub, prompt, max_new, stream, timeout=90)
     except grpc.aio.AioRpcError as exc:
         return exc.code(), exc.details()
 

@@ -37,7 +37,6 @@ def pt2_compile_enabled(value: str | None) -> bool:
 def compile_model(model: torch.nn.Module) -> None:
     """Replace `model.forward` by its compiled version (dynamic in the number of packed tokens)."""
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
-    torch._dynamo.config.cache_size_limit = RECOMPILE_LIMIT
     model.forward = torch.compile(model.forward, dynamic=True, fullgraph=True)
 
 
