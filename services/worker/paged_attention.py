@@ -119,7 +119,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     positional = alibi_slopes is not None or position_bias is not None
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, batch.slots, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, batch.slots, v)
-    out = q.new_empty(q.shape)  # contiguous, as the fake op below promises the compiler
+    decoded = None
     if batch.num_decode:
         b = batch.num_decode
         keys, values = _gather(k_cache, batch.decode_blocks), _gather(v_cache, batch.decode_blocks)
@@ -132,7 +132,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         decoded = F.scaled_dot_product_attention(q[:b, :, None], keys, values, attn_mask=mask, enable_gqa=True)
         if not batch.chunks:  # a decode-only step (the common case): no output to assemble
             return decoded[:, :, 0].contiguous()
-        out[:b] = decoded[:, :, 0]
+    out = q.new_empty(q.shape)  # contiguous, as the fake op below promises the compiler
+    if decoded is not None:
+        out[:batch.num_decode] = decoded[:, :, 0]
     for chunk in batch.chunks:
         rows = slice(chunk.row, chunk.row + chunk.count)
         query = q[rows].transpose(0, 1)[None]
