@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from services.common.protocol import LogitsParams
 from services.worker.checkpoint import NO_SAFETENSORS, load_model
@@ -25,6 +24,7 @@ from tests.families import (
     two_sequence_logits,
 )
 from tests.local_engine import LocalEngine
+from tests.tensor_parallel import on_two_ranks
 
 CPU = torch.device("cpu")
 PROMPTS = {"a": [5, 17, 42, 99, 3, 250, 7], "b": [11, 2], "c": list(range(30, 53))}
@@ -67,24 +67,15 @@ def test_greedy_equals_generate_singly_and_batched(variant, family_models, tmp_p
     assert LocalEngine(engine, max_prefill_tokens=16).generate(PROMPTS, 8, params) == expected
 
 
-def _tp_rank(rank: int, paths: dict[str, Path], init_file: Path, out: Path) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        torch.set_num_threads(1)
-        logits = {variant: two_sequence_logits(load_model(path, torch.float32, CPU, rank, 2))
-                  for variant, path in paths.items()}
-        torch.save(logits, out / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _tp_logits(rank: int, world_size: int, paths: dict[str, Path]) -> dict[str, torch.Tensor]:
+    return {variant: two_sequence_logits(load_model(path, torch.float32, CPU, rank, world_size))
+            for variant, path in paths.items()}
 
 
-def test_tensor_parallel_matches_single_rank(family_models, tmp_path_factory, tmp_path, monkeypatch):
+def test_tensor_parallel_matches_single_rank(family_models, tmp_path_factory, tmp_path):
     """One variant per architecture trait on two gloo ranks (one spawn for all of them)."""
     paths = {variant: _path(family_models, tmp_path_factory, variant) for variant in TP_VARIANTS}
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_tp_rank, args=(paths, tmp_path / "rendezvous", tmp_path), nprocs=2, join=True)
-    for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
+    for result in on_two_ranks(_tp_logits, paths, folder=tmp_path):
         for variant, path in paths.items():
             expected = two_sequence_logits(load_model(path, torch.float32, CPU))
             torch.testing.assert_close(result[variant], expected, atol=1e-5, rtol=0, msg=variant)

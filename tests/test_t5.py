@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from services.common.protocol import (
     GenerateRequest,
@@ -24,6 +23,7 @@ from services.worker.engine import Engine
 from services.worker.kv_cache import PagedKVCache
 from services.worker.paged_attention import PagedBatch, forward_context
 from tests.local_engine import LocalEngine
+from tests.tensor_parallel import on_two_ranks
 
 CPU = torch.device("cpu")
 VOCAB, EOS, NEW = 256, 1, 8
@@ -177,23 +177,15 @@ def test_encoder_and_decoder_prompt_prefixes_equal_transformers(flan_path, tmp_p
         assert got[r.request_id] == _prefixed_greedy(ref, PROMPTS[r.request_id[0]], encoder, decoder), r.request_id
 
 
-def _tp_rank(rank: int, path: Path, init_file: Path, out: Path) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        torch.set_num_threads(1)
-        model = load_model(path, torch.float32, CPU, rank, 2)
-        torch.save(_decoder_logits(model, *_inputs()), out / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _tp_logits(rank: int, world_size: int, path: Path) -> torch.Tensor:
+    return _decoder_logits(load_model(path, torch.float32, CPU, rank, world_size), *_inputs())
 
 
-def test_tensor_parallel_matches_single_rank(tmp_path, monkeypatch):
+def test_tensor_parallel_matches_single_rank(tmp_path):
     path = build_t5(tmp_path / "model", seed=2, **VARIANTS["flan"])
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_tp_rank, args=(path, tmp_path / "rendezvous", tmp_path), nprocs=2, join=True)
     expected = _decoder_logits(load_model(path, torch.float32, CPU), *_inputs())
-    for rank in range(2):
-        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected, atol=1e-5, rtol=0)
+    for result in on_two_ranks(_tp_logits, path, folder=tmp_path):
+        torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
 
 
 def test_int8_quantizes_t5_linear_layers(flan_path):

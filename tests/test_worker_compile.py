@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from transformers import LlamaForCausalLM
 
 from services.worker.checkpoint import load_model
@@ -15,6 +14,7 @@ from services.worker.compile import compile_model, pt2_compile_enabled
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 from tests.local_engine import LocalEngine
+from tests.tensor_parallel import on_two_ranks
 from tests.test_worker_model import CPU, _tp_logits
 
 PROMPTS = {"a": [5, 17, 300, 42, 7, 99, 1000, 3, 250, 11, 64, 8, 2024, 77, 31, 4, 18, 600, 9],
@@ -49,23 +49,15 @@ def test_compiled_engine_generates_what_transformers_does(tiny_model_path, caplo
     assert got == {rid: _greedy(tiny_model_path, ids) for rid, ids in PROMPTS.items()}
 
 
-def _compiled_tp_rank(rank: int, path: Path, init_file: Path, out: Path) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        torch.set_num_threads(1)
-        model = load_model(path, torch.float32, CPU, rank, 2)
-        compile_model(model)  # the all-reduces of the row-parallel layers are traced into the graph
-        with torch.inference_mode():
-            torch.save(_tp_logits(model), out / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _compiled_tp_logits(rank: int, world_size: int, path: Path) -> dict[str, torch.Tensor]:
+    model = load_model(path, torch.float32, CPU, rank, world_size)
+    compile_model(model)  # the all-reduces of the row-parallel layers are traced into the graph
+    with torch.inference_mode():
+        return _tp_logits(model)
 
 
-def test_compiled_tensor_parallel_ranks_match_one_eager_rank(tmp_path, tiny_model_path, monkeypatch):
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_compiled_tp_rank, args=(tiny_model_path, tmp_path / "rendezvous", tmp_path), nprocs=2, join=True)
+def test_compiled_tensor_parallel_ranks_match_one_eager_rank(tmp_path, tiny_model_path):
     expected = _tp_logits(load_model(tiny_model_path, torch.float32, CPU))
-    for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
+    for result in on_two_ranks(_compiled_tp_logits, tiny_model_path, folder=tmp_path):
         for name in ("prefill", "decode"):
             torch.testing.assert_close(result[name], expected[name], atol=1e-4, rtol=0)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -19,6 +18,7 @@ from services.worker.models.layers import rope_inv_freq
 from services.worker.paged_attention import PagedBatch, forward_context
 from tests.conftest import build_tiny_llama
 from tests.local_engine import LocalEngine
+from tests.tensor_parallel import on_two_ranks
 
 CPU = torch.device("cpu")
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -127,24 +127,15 @@ def _tp_logits(model) -> dict[str, torch.Tensor]:
     return {"prefill": prefill, "decode": decode}
 
 
-def _tp_rank(rank: int, world_size: int, path: Path, init_file: Path, out: Path) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        torch.set_num_threads(1)
-        model = load_model(path, torch.float32, CPU, rank, world_size)
-        torch.save(_tp_logits(model), out / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _rank_tp_logits(rank: int, world_size: int, path: Path) -> dict[str, torch.Tensor]:
+    return _tp_logits(load_model(path, torch.float32, CPU, rank, world_size))
 
 
-def test_tensor_parallel_matches_single_rank(tmp_path, demo_model_path, monkeypatch):
+def test_tensor_parallel_matches_single_rank(tmp_path, demo_model_path):
     # With biases, so the row-parallel layers' bias-after-all-reduce is covered too.
     path = build_tiny_llama(tmp_path / "model", demo_model_path, seed=2, attention_bias=True, mlp_bias=True)
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # the spawned ranks talk over loopback
-    mp.spawn(_tp_rank, args=(2, path, tmp_path / "rendezvous", tmp_path), nprocs=2, join=True)
     expected = _tp_logits(load_model(path, torch.float32, CPU))
-    for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
+    for result in on_two_ranks(_rank_tp_logits, path, folder=tmp_path):
         for name in ("prefill", "decode"):
             torch.testing.assert_close(result[name], expected[name], atol=1e-5, rtol=0)
 
