@@ -54,6 +54,8 @@ class LauncherConfig:
     prefix_store_path: str | None = knob(None, "PREFIX_STORE_PATH", "folder of tuned prompt prefixes, one sub-folder per prefix_id (unset: prefixes off)")
     prompt_cache_size_mb: int = knob(512, "PROMPT_CACHE_SIZE_MB", "MiB of prompt prefixes kept loaded, per gateway and per worker rank")
     max_prompt_prefix_length: int | None = knob(None, "MAX_PROMPT_PREFIX_LENGTH", "longest prompt prefix in virtual tokens (default: half of max_sequence_length)")
+    adapter_cache: str | None = knob(None, "ADAPTER_CACHE", "folder of PEFT LoRA adapters, one sub-folder per adapter_id (the vLLM TGIS adapter's layout; unset: adapters off)")
+    max_loras: int = knob(4, "MAX_LORAS", "LoRA adapters kept loaded per worker rank, and distinct adapters in the running batch")
     pt2_compile: str | None = knob(None, "PT2_COMPILE", "torch.compile the workers' forward pass: any value but false (start-up compiles for minutes)")
     guided_decoding_cache_size: int = knob(256, "GUIDED_DECODING_CACHE_SIZE", "guided decoding: distinct constraints (schemas, regexes, grammars) kept compiled per worker rank")
     num_shard: int | None = knob(None, "NUM_SHARD", "worker ranks (tensor parallel degree)")
@@ -186,6 +188,7 @@ class Launcher:
             "QUANTIZE": c.quantize, "QUANTIZE_GROUP_SIZE": c.quantize_group_size,
             "DEPLOYMENT_FRAMEWORK": c.deployment_framework, "PREFIX_STORE_PATH": c.prefix_store_path,
             "PROMPT_CACHE_SIZE_MB": c.prompt_cache_size_mb, "MAX_PROMPT_PREFIX_LENGTH": c.max_prompt_prefix_length,
+            "ADAPTER_CACHE": c.adapter_cache, "MAX_LORAS": c.max_loras,
             "PT2_COMPILE": c.pt2_compile, "GUIDED_DECODING_CACHE_SIZE": c.guided_decoding_cache_size,
             "MAX_SEQUENCE_LENGTH": c.max_sequence_length, "MAX_NEW_TOKENS": c.max_new_tokens,
             "MAX_BATCH_SIZE": c.max_batch_size, "MAX_WAITING_TOKENS": c.max_waiting_tokens,

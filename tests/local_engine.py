@@ -18,7 +18,7 @@ class LocalEngine:
         self.engine = engine
         blocks = BlockManager(num_blocks or engine.cache.num_blocks, engine.cache.block_size, prefix_caching)
         self.batcher = Batcher(max_batch_size, max_waiting_tokens, engine.eos_id, blocks,
-                               max_prefill_tokens=max_prefill_tokens)
+                               max_prefill_tokens=max_prefill_tokens, max_loras=engine.model_info().max_loras)
         self.steps = []
         self.failures: dict[str, str] = {}
         self.stop_reasons: dict[str, StopReason] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import re
 import struct
 import subprocess
@@ -13,8 +14,10 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
+from services.common.protocol import ModelInfo
+from services.gateway.adapters import AdapterLookup
 from services.gateway.pb import generation_pb2 as pb
-from services.gateway.validation import ValidationError, refuse_adapter
+from services.gateway.validation import ValidationError
 
 # The release whose proto the extensions follow; a newer one may add fields we do not serve yet.
 ADAPTER_VERSION = "0.10.0"
@@ -104,8 +107,8 @@ def test_a_tgis_client_sees_no_change():
     assert pb.DecodingParameters(repetition_penalty=1.5).WhichOneof("guided") is None
 
 
-def test_an_adapter_id_is_refused_naming_it_until_lora_is_served():
-    refuse_adapter(None)
-    refuse_adapter("")
-    with pytest.raises(ValidationError, match="can't retrieve adapter with id 'team/lora-1'"):
-        refuse_adapter("team/lora-1")
+def test_an_adapter_id_without_adapter_cache_is_refused_naming_it():
+    model = ModelInfo("m", "/m", False, 10, 0, 0, 64, 16, 1, 1, "cpu", "float32")
+    with pytest.raises(ValidationError, match="can't retrieve adapter with id 'team/lora-1': adapter_id supplied but "
+                                              "no adapter store was configured"):
+        asyncio.run(AdapterLookup(None).check("team/lora-1", model))

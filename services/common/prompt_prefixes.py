@@ -25,6 +25,13 @@ PREFIX_ID = re.compile(r"[/\w\-]+")
 CACHE_ROUNDING = 512  # bytes: a prefix's size in the cache is rounded up to a multiple of this
 
 
+def store_folder(root: Path, item_id: str) -> Path | None:
+    """`root / item_id` resolved, or None when the id has characters other than word characters, `-` and `/`, or
+    leads out of `root` (an absolute id): the rule TGIS has for prefix ids and the vLLM TGIS adapter for adapter ids."""
+    folder = (root / item_id).resolve()
+    return folder if PREFIX_ID.fullmatch(item_id) and folder.is_relative_to(root) else None
+
+
 class PrefixNotFound(LookupError):
     """No prefix with this id in the store (gRPC NOT_FOUND at TGIS's shard)."""
 
@@ -97,8 +104,8 @@ class PrefixStore:
     def _folder(self, prefix_id: str) -> Path:
         if not PREFIX_ID.fullmatch(prefix_id):
             raise PrefixError(f"Invalid prefix id {prefix_id}, must contain only alphanumeric, _ and - and /")
-        folder = (self.path / prefix_id).resolve()
-        if not folder.is_relative_to(self.path):
+        folder = store_folder(self.path, prefix_id)
+        if folder is None:
             raise PrefixError(f"Invalid prefix id {prefix_id}")
         return folder
 

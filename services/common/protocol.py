@@ -103,6 +103,9 @@ class ModelInfo(Wire):
     device: str
     dtype: str
     hidden_size: int = 0  # embedding width: what a prompt prefix's embeddings must match
+    max_loras: int = 0  # LoRA adapters loaded at once per rank (MAX_LORAS); 0: no ADAPTER_CACHE, adapters off
+    # Layers LoRA adapters may target, by checkpoint leaf name (q_proj, ...) -> [in, out]; empty: none on this model.
+    lora_modules: dict[str, list[int]] = field(default_factory=dict)
 
 
 class GuideKind(enum.IntEnum):
@@ -199,6 +202,7 @@ class GenerateRequest(Wire):
     # A prompt prefix: input_ids start with prefix_length placeholder (pad) ids whose embeddings it replaces.
     prefix_id: str = ""
     prefix_length: int = 0
+    adapter_id: str = ""  # a LoRA adapter in ADAPTER_CACHE, already checked by the gateway
 
 
 class Submit(Wire):
@@ -329,6 +333,7 @@ class NewSequence(Wire):
     # The prompt prefix whose embeddings replace those of the first prefix_length input ids (placeholders).
     prefix_id: str = ""
     prefix_length: int = 0
+    adapter_id: str = ""  # the LoRA adapter its rows go through (LoRA runs per row: sequences may differ)
 
 
 class ScheduledChunk(Wire):

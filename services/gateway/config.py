@@ -27,4 +27,5 @@ class GatewayConfig:
     prefix_store_path: str | None = knob(None, "PREFIX_STORE_PATH", "folder of tuned prompt prefixes, one sub-folder per prefix_id (unset: prefixes off)")
     prompt_cache_size_mb: int = knob(512, "PROMPT_CACHE_SIZE_MB", "MiB of prompt prefixes kept loaded for validation (least recently used dropped first)")
     max_prompt_prefix_length: int | None = knob(None, "MAX_PROMPT_PREFIX_LENGTH", "longest prompt prefix in virtual tokens (default: half of max_sequence_length)")
+    adapter_cache: str | None = knob(None, "ADAPTER_CACHE", "folder of PEFT LoRA adapters, one sub-folder per adapter_id, checked before queueing (the workers' folder; unset: adapter_id refused)")
     health_timeout: float = knob(60.0, "HEALTH_TIMEOUT_S", "seconds the /health pipeline generation may take")

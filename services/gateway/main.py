@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import links
 from services.common.logs import setup_logging
+from services.gateway.adapters import AdapterLookup
 from services.gateway.config import GatewayConfig
 from services.gateway.health import GrpcHealthServicer, HealthChecker, quiet_copy
 from services.gateway.interceptors import SERVICE_NAME, DecodeErrorInterceptor, DrainInterceptor
@@ -114,6 +115,7 @@ class Gateway:
             output_special_tokens=self.config.output_special_tokens,
             prefixes=PrefixLookup.open(self.config.prefix_store_path, self.config.prompt_cache_size_mb,
                                        self.config.max_prompt_prefix_length, model, self.metrics),
+            adapters=AdapterLookup(self.config.adapter_cache),
         )
         self.health = HealthChecker(self.servicer, self.config.health_timeout)
         self.health.dead_loop = self._dead_loop

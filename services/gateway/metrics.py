@@ -135,6 +135,11 @@ class GatewayMetrics:
         self.replica_ready = Gauge("tgi_replica_ready", "1 when a replica takes work", ["replica"], registry=r)
         self.replica_requests = Counter("tgi_replica_request_count", "inputs this gateway sent to a replica (re-sends "
                                         "included)", ["replica"], registry=r)
+        # Not in TGIS (the vLLM TGIS adapter has only vLLM's lora_requests_info gauge): per LoRA adapter.
+        self.lora_requests = Counter("tgi_lora_request_count", "inputs queued with a LoRA adapter", ["adapter_id"],
+                                     registry=r)
+        self.lora_generated_tokens = Counter("tgi_lora_generated_tokens", "tokens generated with a LoRA adapter "
+                                             "(finished inputs)", ["adapter_id"], registry=r)
 
     # ------------------------------------------------------------------ recording
 
@@ -145,6 +150,8 @@ class GatewayMetrics:
         self.request_duration.observe(total)
         self.queue_duration.observe(generation.queue_duration)
         self.generated_tokens.observe(count)
+        if generation.params.adapter_id:
+            self.lora_generated_tokens.labels(generation.params.adapter_id).inc(count)
         self.total_tokens.observe(count + generation.input.input_length)
         if generation.first_token_at is not None:
             # TGIS: from leaving the queue (so the prefill counts) to the end; generation.received_at = submission.

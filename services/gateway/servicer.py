@@ -12,6 +12,7 @@ import grpc
 from msgspec.structs import replace
 
 from services.common.protocol import DetokParams, GenerateRequest, StopReason
+from services.gateway.adapters import AdapterLookup
 from services.gateway.generation import FailedEvent, Generation, InputTokensEvent, TokenEvent
 from services.gateway.guided import check_guide
 from services.gateway.metrics import GatewayMetrics
@@ -27,7 +28,6 @@ from services.gateway.validation import (
     ValidationError,
     check_input,
     convert_and_validate,
-    refuse_adapter,
     with_prefix_placeholders,
 )
 
@@ -64,11 +64,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def __init__(self, scheduler: SchedulerClient, pool: TokenizerPool, metrics: GatewayMetrics, *,
                  max_concurrent_requests: int, default_include_stop_seqs: bool, output_special_tokens: bool,
-                 prefixes: PrefixLookup | None = None) -> None:
+                 prefixes: PrefixLookup | None = None, adapters: AdapterLookup | None = None) -> None:
         self.scheduler = scheduler
         self.pool = pool
         self.metrics = metrics
         self.prefixes = prefixes or PrefixLookup(metrics)
+        self.adapters = adapters or AdapterLookup(None)
         self.limiter = ConcurrencyLimiter(max_concurrent_requests)
         self.default_include_stop_seqs = default_include_stop_seqs
         self.output_special_tokens = output_special_tokens
@@ -112,8 +113,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                         context, adapter_id: str | None = None) -> tuple[ValidatedParams, list[ValidatedInput]]:
         started = time.monotonic()
         try:
-            refuse_adapter(adapter_id)
+            if adapter_id:  # first, as the vLLM TGIS adapter checks it before the parameters
+                await self.adapters.check(adapter_id, self.model)
             params = convert_and_validate(params_pb, self.limits, received_at)
+            params.adapter_id = adapter_id or ""
             if params.logits.guide_kind:  # parsing a schema or grammar may take milliseconds: off the event loop
                 if (error := await asyncio.to_thread(check_guide, params.logits.guide_kind, params.logits.guide)):
                     raise ValidationError(error)
@@ -162,12 +165,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 generations.append(generation)
                 requests.append(GenerateRequest(
                     request_id, with_prefix_placeholders(validated, self.model.pad_token_id), logits, validated.stop,
-                    received_at, params.prefix_id, validated.prefix_length))
+                    received_at, params.prefix_id, validated.prefix_length, params.adapter_id))
         except BaseException:  # cancelled while waiting for a tokenizer: close what was opened
             for generation in generations:
                 self.pool.close(generation.request_id)
             raise
         self.scheduler.submit(generations, requests)
+        if params.adapter_id:
+            self.metrics.lora_requests.labels(params.adapter_id).inc(len(requests))
         return generations
 
     def _delta_handler(self, generation: Generation):
@@ -333,9 +338,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.metrics.tokenize_request_input_count.inc(len(request.requests))
         if not request.requests:
             return pb.BatchedTokenizeResponse()
-        # prefix_id (the adapter's) changes no count: a prompt prefix is not part of input_token_count.
+        # The ids are checked as the vLLM TGIS adapter does; tokenization does not change with them (the adapter
+        # uses the base tokenizer too), and a prompt prefix is not part of input_token_count.
         try:
-            refuse_adapter(request.adapter_id)
+            await self._check_tokenize_ids(request)
         except ValidationError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
@@ -360,6 +366,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.metrics.tokenize_tokens.observe(total)
         self.metrics.tokenize_duration.observe(time.monotonic() - started)
         return pb.BatchedTokenizeResponse(responses=responses)
+
+    async def _check_tokenize_ids(self, request: pb.BatchedTokenizeRequest) -> None:
+        """adapter_id must name a servable LoRA adapter; prefix_id (which the adapter reads as an adapter id when
+        adapter_id is unset) a prompt prefix here, or else a LoRA adapter as there."""
+        if request.adapter_id:
+            await self.adapters.check(request.adapter_id, self.model)
+        elif request.prefix_id:
+            try:
+                await self.prefixes.length(request.prefix_id)
+            except ValidationError:
+                if not (self.adapters.root and self.model.max_loras):
+                    raise
+                await self.adapters.check(request.prefix_id, self.model)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:
         model = self.model

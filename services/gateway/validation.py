@@ -61,6 +61,7 @@ class ValidatedParams:
     seed: int | None
     response: dict = field(default_factory=dict)
     prefix_id: str = ""  # the call's prompt prefix, once looked up
+    adapter_id: str = ""  # the call's LoRA adapter, once checked
 
     @property
     def sampling(self) -> bool:
@@ -76,13 +77,6 @@ class ValidatedInput:
     stop: StopParams
     seed: int
     prefix_length: int = 0  # virtual tokens of the call's prompt prefix (not in input_length)
-
-
-def refuse_adapter(adapter_id: str | None) -> None:
-    """LoRA adapters (the vLLM TGIS adapter's `adapter_id`) are not served yet: name the id, in the adapter's words."""
-    if adapter_id:
-        raise ValidationError(f"can't retrieve adapter with id '{adapter_id}': "
-                              "adapter_id supplied but no adapter store was configured")
 
 
 def convert_and_validate(params: pb.Parameters | None, limits: Limits, received_at: float | None = None) -> ValidatedParams:

@@ -80,10 +80,15 @@ class Sequence:
 
     @property
     def cache_root(self) -> bytes:
-        """Where its blocks' hash chain starts: its prompt prefix's own root, so only that prefix's sequences share."""
-        if not self.request.prefix_id:
+        """Where its blocks' hash chain starts: a root of its prompt prefix and LoRA adapter, so only sequences with
+        both the same share blocks (an adapter changes every layer's K/V)."""
+        request = self.request
+        if not (request.prefix_id or request.adapter_id):
             return b""
-        return hashlib.blake2b(b"prompt prefix " + self.request.prefix_id.encode(), digest_size=16).digest()
+        key = b"prompt prefix " + request.prefix_id.encode()
+        if request.adapter_id:
+            key += b"\0lora " + request.adapter_id.encode()
+        return hashlib.blake2b(key, digest_size=16).digest()
 
     @property
     def one_chunk(self) -> bool:
@@ -113,7 +118,7 @@ class Batcher:
 
     def __init__(self, max_batch_size: int, max_waiting_tokens: int, eos_token_id: int, blocks: BlockManager,
                  memory: MemoryModel | None = None, max_prefill_tokens: int = 512,
-                 max_prefill_tokens_while_decoding: int | None = None) -> None:
+                 max_prefill_tokens_while_decoding: int | None = None, max_loras: int = 0) -> None:
         self.max_batch_size = max_batch_size
         self.max_waiting_tokens = max_waiting_tokens
         self.eos_token_id = eos_token_id
@@ -123,6 +128,8 @@ class Batcher:
         # A smaller chunk while others decode: a step's time is their inter-token latency.
         self.max_prefill_tokens_while_decoding = min(max_prefill_tokens_while_decoding or max_prefill_tokens,
                                                      max_prefill_tokens)
+        # Distinct LoRA adapters in the running batch (the workers keep that many loaded); 0: no limit.
+        self.max_loras = max_loras
         self.waiting: deque[Sequence] = deque()
         self.running: dict[str, Sequence] = {}
         self.to_remove: list[str] = []
@@ -211,7 +218,11 @@ class Batcher:
         for name in ("queue_jumps", "granular_additions", "prefill_weight_exceeded"):
             self.plan.counters[name] = getattr(admission, name)
         chunks = []
+        adapters = {s.request.adapter_id for s in self.running.values()} - {""}
         for sequence in admission.picked:
+            adapter = sequence.request.adapter_id
+            if adapter and self.max_loras and adapter not in adapters and len(adapters) >= self.max_loras:
+                continue  # waits until a running adapter's sequences finish (vLLM's MAX_LORAS rule)
             length = len(sequence.tokens)
             if budget <= 0 or (sequence.one_chunk and budget < min(length, self.max_prefill_tokens)):
                 break  # a prompt wanting input details longer than the budget runs when it has it all
@@ -232,6 +243,8 @@ class Batcher:
                 sequence.started_at = now
             self.running[sequence.request_id] = sequence
             self.plan.added.append(sequence)
+            if adapter:
+                adapters.add(adapter)
             count, long = self._prompt_chunk(sequence, budget, cap)
             chunks.append(self._chunk(sequence, count))
             budget, cap = budget - count, cap - count if long else cap
@@ -286,7 +299,7 @@ class Batcher:
             sequence.on_workers = True
         self.num_steps += 1
         step = Step(self.num_steps, [NewSequence(s.request_id, token_ids(s.tokens), s.request.logits, s.request.prefix_id,
-                                             s.request.prefix_length) for s in new],
+                                             s.request.prefix_length, s.request.adapter_id) for s in new],
                     self.to_remove, chunks)
         self.to_remove = []
         return step

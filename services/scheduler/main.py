@@ -149,7 +149,8 @@ class SchedulerProcess:
                  num_blocks, block_size, "on" if prefix_caching else "off", memory.weight_limit or "none")
         return Batcher(batch_size, self.config.max_waiting_tokens, self.model.eos_token_id,
                        BlockManager(num_blocks, block_size, prefix_caching), memory,
-                       self.config.max_prefill_tokens, self.config.max_prefill_tokens_while_decoding)
+                       self.config.max_prefill_tokens, self.config.max_prefill_tokens_while_decoding,
+                       self.model.max_loras)
 
     def _check_worker_liveness(self) -> None:
         now = time.monotonic()

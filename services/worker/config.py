@@ -43,6 +43,8 @@ class WorkerConfig:
     prefix_store_path: str | None = knob(None, "PREFIX_STORE_PATH", "folder of tuned prompt prefixes, one sub-folder per prefix_id (unset: prefixes off)")
     prompt_cache_size_mb: int = knob(512, "PROMPT_CACHE_SIZE_MB", "MiB of prompt prefixes kept loaded (least recently used dropped first)")
     max_prompt_prefix_length: int | None = knob(None, "MAX_PROMPT_PREFIX_LENGTH", "longest prompt prefix in virtual tokens (default: half of max_sequence_length)")
+    adapter_cache: str | None = knob(None, "ADAPTER_CACHE", "folder of PEFT LoRA adapters, one sub-folder per adapter_id (the vLLM TGIS adapter's layout; unset: adapters off)")
+    max_loras: int = knob(4, "MAX_LORAS", "LoRA adapters kept loaded per rank, and distinct adapters in the running batch (least recently used evicted first)")
     guided_decoding_cache_size: int = knob(256, "GUIDED_DECODING_CACHE_SIZE", "guided decoding: distinct constraints (schemas, regexes, grammars) kept compiled (least recently used dropped first)")
     device: str = knob("auto", "WORKER_DEVICE", "torch device: auto, cpu, cuda, cuda:N (auto: cuda:LOCAL_RANK if available)")
     rank: int = knob(0, "RANK", "this process's rank in the model replica")

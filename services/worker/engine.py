@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from services.common.lora_adapters import AdapterError
 from services.common.model_path import resolve_model_path
 from services.common.prompt_prefixes import Prefix
 from services.common.protocol import (
@@ -36,6 +37,8 @@ from services.worker.compile import compile_model, pt2_compile_enabled, warm_up
 from services.worker.config import WorkerConfig
 from services.worker.guided import Guide, Guides, allow_eos_where_stuck, mask_guided
 from services.worker.kv_cache import PagedKVCache, budget_bytes
+from services.worker.lora import LoraWeights, open_loras
+from services.worker.lora_layers import LoraBatch, lora_context
 from services.worker.paged_attention import PagedBatch, forward_context
 from services.worker.prefixes import covers_prefix, embed_with_prefixes, load_prefix, open_store
 from services.worker.sampling import (
@@ -111,6 +114,7 @@ class Sequence:
     prefix: Prefix | None = None  # prompt prefix, its embeddings replacing those of the first prompt positions
     cross: list | None = None  # encoder-decoder models: the encoder output's cross-attention K/V (seq2seq.py)
     guide: Guide | None = None  # guided decoding: the constraint's matcher, advanced with each token (guided.py)
+    lora: LoraWeights | None = None  # its LoRA adapter (held here, so evicting it from the cache cannot drop it)
 
 
 @dataclass
@@ -166,7 +170,9 @@ class Engine:
         self.vocab_size = args.vocab_size
         self.cache = PagedKVCache.for_budget(
             budget_bytes(config.kv_cache_memory, self.device), self.max_sequence_length, args.num_layers,
-            config.kv_block_size, self.model.kv_heads_per_rank, args.head_dim, self.dtype, self.device)
+            config.kv_block_size, self.model.kv_heads_per_rank, args.head_dim, self.dtype,
+            # A model on its own cache (hf_transformers encoder-decoders) leaves the pool unused: no memory for it.
+            self.device if getattr(self.model, "paged", True) else torch.device("meta"))
         self.sequences: dict[str, Sequence] = {}
         self.guides = Guides(self.model_path, self.vocab_size, self.eos_id, config.guided_decoding_cache_size)
         self._guide_failures: dict[str, str] = {}  # sequences whose constraint failed to compile, this step
@@ -174,6 +180,11 @@ class Engine:
         self.prefixes = open_store(config.prefix_store_path, config.prompt_cache_size_mb,
                                    config.max_prompt_prefix_length, args.hidden_size, self.dtype,
                                    self.max_sequence_length, self.encoder_decoder)
+        # After quantization, before compiling: LoRA wraps the (possibly quantized) linear layers.
+        self.loras = open_loras(config.adapter_cache, config.max_loras, self.model, self.model_path, self.dtype,
+                                self.device, config.rank, config.world_size)
+        # Steps with LoRA rows run this eager forward: the compiled graph is traced without LoRA (compile.py).
+        self.eager_forward = self.model.forward
         if pt2_compile_enabled(config.pt2_compile) and self.encoder_decoder:
             logger.warning("PT2_COMPILE is not applied to encoder-decoder models: they run eagerly")
         elif pt2_compile_enabled(config.pt2_compile):
@@ -188,6 +199,8 @@ class Engine:
             max_batch_size=self.config.max_batch_size, world_size=self.config.world_size,
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             hidden_size=self.model.args.hidden_size,
+            max_loras=self.config.max_loras if self.config.adapter_cache else 0,
+            lora_modules=self.loras.plan.leaf_shapes if self.loras else {},
         )
 
     @torch.inference_mode()
@@ -238,6 +251,7 @@ class Engine:
                 prefix = load_prefix(self.prefixes, new.prefix_id, new.prefix_length, self.device)
             except LookupError as exc:
                 raise StepError(str(exc)) from exc
+        lora = self._lora(new.adapter_id) if new.adapter_id else None
         seen = None
         if new.logits.repetition_penalty != 1.0:
             seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
@@ -246,7 +260,16 @@ class Engine:
             seen[torch.tensor(history, device=self.device)] = True
         self.sequences[new.request_id] = Sequence(new.request_id, new.logits, make_generator(new.logits, self.device),
                                                   ids, len(ids), seen=seen, prefix=prefix,
-                                                  guide=self.guides.start(new.logits))
+                                                  guide=self.guides.start(new.logits), lora=lora)
+
+    def _lora(self, adapter_id: str) -> LoraWeights:
+        if self.loras is None:
+            raise StepError(f"can't load adapter with id '{adapter_id}': LoRA adapters are off on this worker")
+        in_use = {seq.lora.adapter_id for seq in self.sequences.values() if seq.lora is not None}
+        try:
+            return self.loras.get(adapter_id, in_use)
+        except AdapterError as exc:
+            raise StepError(str(exc)) from exc
 
     def _check_chunk(self, chunk: ScheduledChunk) -> Sequence:
         seq = self.sequences.get(chunk.request_id)
@@ -282,9 +305,12 @@ class Engine:
                                  [p.chunk.start for p in planned], [p.chunk.count for p in planned], self.device)
         ids_t, positions_t = torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device)
         runs = [(p.sequence.prefix and p.sequence.prefix.decoder, p.chunk.start, p.chunk.count) for p in planned]
-        with forward_context(batch, self.cache):
+        lora = LoraBatch.build([(p.sequence.lora, p.chunk.count) for p in planned], self.device)
+        with forward_context(batch, self.cache), lora_context(lora):
             if covers_prefix(runs):  # prompt prefix rows: from embeddings (the compiled forward takes ids only)
                 hidden = self.model.forward_embeds(embed_with_prefixes(self.model, ids_t, runs), positions_t)
+            elif lora is not None:
+                hidden = self.eager_forward(ids_t, positions_t)
             else:
                 hidden = self.model(ids_t, positions_t)
         # Logits only where needed: the last token of each sampling chunk, every token of one wanting input details.
