@@ -29,12 +29,13 @@ import torch
 from safetensors import safe_open
 
 from services.worker.frameworks import NATIVE, choose_framework
+from services.worker.gemv import use_gemv_for_single_rows
 from services.worker.models.decoder import DecoderLM
+from services.worker.models.hf_seq2seq import load_hf_seq2seq
 from services.worker.models.hf_transformers import load_hf_model
 from services.worker.models.layers import DecoderArgs
 from services.worker.models.registry import ENCODER_DECODER_TYPES, family
 from services.worker.models.t5 import T5Args, T5ForConditionalGeneration
-from services.worker.gemv import use_gemv_for_single_rows
 from services.worker.quant import DEFAULT_GROUP_SIZE, quantize_model
 
 logger = logging.getLogger(__name__)
@@ -121,10 +122,12 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, rank: int
     has_safetensors = any(folder.glob("*.safetensors"))
     engine, why = choose_framework(framework, model_type, has_safetensors, world_size)
     logger.info("Engine %s for %s: %s", engine, model_type, why)
-    if config.get("is_encoder_decoder") and (engine != NATIVE or model_type not in ENCODER_DECODER_TYPES):
-        raise ValueError(f"{model_type} is an encoder-decoder model: only tgis_native serves those "
-                         f"({', '.join(ENCODER_DECODER_TYPES)}, with safetensors weights)")
-    if engine != NATIVE:
+    if config.get("is_encoder_decoder") and engine == NATIVE and model_type not in ENCODER_DECODER_TYPES:
+        raise ValueError(f"{model_type} is an encoder-decoder model that tgis_native does not implement "
+                         f"(it serves {', '.join(ENCODER_DECODER_TYPES)}): use hf_transformers")
+    if engine != NATIVE and config.get("is_encoder_decoder"):
+        model = load_hf_seq2seq(folder, dtype, device)
+    elif engine != NATIVE:
         model = load_hf_model(folder, dtype, device)
     elif model_type in ENCODER_DECODER_TYPES:
         model = _load_t5(folder, config, dtype, device, rank, world_size, group)
