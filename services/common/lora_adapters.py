@@ -91,25 +91,29 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
     return {name: entry["shape"] for name, entry in header.items() if name != "__metadata__"}
 
 
-def lora_pairs(adapter_id: str, shapes: dict[str, list[int]]) -> dict[str, tuple[list[int], list[int]]]:
-    """Base model module name -> (lora_A shape, lora_B shape); AdapterError for any other tensor or a lone half."""
+def lora_pairs(adapter_id: str, shapes: dict[str, list[int]]) -> tuple[dict[str, tuple[list[int], list[int]]], list[str]]:
+    """Base model module name -> (lora_A shape, lora_B shape), and the names of tensors that are not LoRA weights
+    (saved base layers); AdapterError for a lone half."""
     halves: dict[str, dict[str, list[int]]] = {}
+    others = []
     for name, shape in shapes.items():
         match = LORA_KEY.fullmatch(name.removeprefix(PEFT_PREFIX))
         if match is None:
-            raise AdapterError(ADAPTER_MISFIT.format(adapter_id, f"tensor {name} is not a LoRA A/B weight"))
-        halves.setdefault(match.group(1), {})[match.group(2)] = list(shape)
+            others.append(name)
+        else:
+            halves.setdefault(match.group(1), {})[match.group(2)] = list(shape)
     if lone := sorted(module for module, pair in halves.items() if len(pair) != 2):
         raise AdapterError(ADAPTER_MISFIT.format(adapter_id, f"{lone[0]} has lora_A or lora_B but not both"))
-    return {module: (pair["A"], pair["B"]) for module, pair in halves.items()}
+    return {module: (pair["A"], pair["B"]) for module, pair in halves.items()}, sorted(others)
 
 
 def check_fit(adapter_id: str, shapes: dict[str, list[int]], modules: dict[str, list[int]]) -> None:
-    """AdapterError unless every LoRA pair in `shapes` targets one of `modules` (leaf name -> [in, out] of the
-    model's full layer) with A [r, in] and B [out, r]."""
+    """AdapterError unless every tensor in `shapes` is half of a LoRA pair targeting one of `modules` (leaf name ->
+    [in, out] of the model's full layer) with A [r, in] and B [out, r]."""
     if not modules:
-        raise AdapterError(ADAPTER_MISFIT.format(adapter_id, "this model does not serve LoRA adapters"))
-    pairs = lora_pairs(adapter_id, shapes)
+        raise AdapterError(ADAPTER_MISFIT.format(
+            adapter_id, "this model does not serve LoRA adapters (tgis_native Llama-family models do)"))
+    pairs, others = lora_pairs(adapter_id, shapes)
     if not pairs:
         raise AdapterError(ADAPTER_MISFIT.format(adapter_id, "no LoRA weights found"))
     for module, (a, b) in sorted(pairs.items()):
@@ -123,3 +127,6 @@ def check_fit(adapter_id: str, shapes: dict[str, list[int]], modules: dict[str, 
             raise AdapterError(ADAPTER_MISFIT.format(
                 adapter_id, f"{module}: lora_A {a} and lora_B {b} do not fit the model's layer "
                             f"({fan_in} in, {fan_out} out); was the adapter trained on another base model?"))
+    if others:
+        raise AdapterError(ADAPTER_MISFIT.format(
+            adapter_id, f"tensor {others[0]} is not a LoRA A/B weight (adapters saving base layers are not served)"))
