@@ -22,6 +22,7 @@ FALCON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_po
 VARIANTS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", LLAMA),
     "mistral": ("MistralConfig", {**LLAMA, "sliding_window": None}),
+    "mistral-window": ("MistralConfig", {**LLAMA, "sliding_window": 4}),  # shorter than most test sequences
     "qwen2": ("Qwen2Config", LLAMA),
     "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, max_position_embeddings=128,

@@ -109,7 +109,7 @@ def test_refusals_at_load(tmp_path):
         load_model(tmp_path / "vit", torch.float32, CPU)
 
 
-@pytest.mark.parametrize("variant", ["mistral", "qwen2", "gpt_neox", "gpt2", "gpt_bigcode", "falcon", "bloom", "mpt"])
+@pytest.mark.parametrize("variant", ["mistral", "mistral-window", "qwen2", "gpt_neox", "gpt2", "gpt_bigcode", "falcon", "bloom", "mpt"])
 def test_native_families_on_hf_transformers(variant, tmp_path):
     """Families with a native implementation run on hf_transformers too where transformers lets their attention
     be replaced; the others are refused at load."""

@@ -131,9 +131,10 @@ def test_learned_positions_bound_max_sequence_length(family_models, tmp_path_fac
         Engine(WorkerConfig(model_name=str(path), device="cpu", kv_cache_memory="16MiB", max_sequence_length=200))
 
 
-@pytest.mark.parametrize("variant", ["bloom", "gpt_neox"])
+@pytest.mark.parametrize("variant", ["bloom", "gpt_neox", "mistral-window"])
 def test_compiled_forward_keeps_alibi_and_partial_rotary(variant, family_models, tmp_path_factory):
-    """PT2_COMPILE traces these families too: ALiBi slopes reach the paged attention op, partial rotary fuses."""
+    """PT2_COMPILE traces these families too: ALiBi slopes and the sliding window reach the paged attention op,
+    partial rotary fuses."""
     from services.worker.compile import compile_model
 
     path = _path(family_models, tmp_path_factory, variant)
@@ -142,3 +143,18 @@ def test_compiled_forward_keeps_alibi_and_partial_rotary(variant, family_models,
     with torch.inference_mode():
         logits = two_sequence_logits(model)
     torch.testing.assert_close(logits, expected_two_sequence_logits(reference(path)), atol=1e-4, rtol=0)
+
+
+def test_sliding_window_is_applied_by_the_reference(family_models, tmp_path_factory):
+    """mistral-window's tests compare with a reference that applies the window: transformers' eager and SDPA
+    attention agree, and differ from the same weights attending to every key (and so do our logits)."""
+    from transformers import AutoModelForCausalLM
+
+    path = _path(family_models, tmp_path_factory, "mistral-window")
+    eager = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, sliding_window=None).eval()
+    expected = expected_two_sequence_logits(reference(path))
+    torch.testing.assert_close(expected_two_sequence_logits(eager), expected, atol=1e-4, rtol=0)
+    assert (expected_two_sequence_logits(full) - expected).abs().max() > 0.1
+    ours = two_sequence_logits(load_model(path, torch.float32, CPU))
+    assert (ours - expected_two_sequence_logits(full)).abs().max() > 0.1

@@ -107,14 +107,15 @@ def _position_mask(slopes: torch.Tensor | None, table: torch.Tensor | None, quer
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, batch: PagedBatch, alibi_slopes: torch.Tensor | None = None,
-                    position_bias: torch.Tensor | None = None) -> torch.Tensor:
+                    position_bias: torch.Tensor | None = None, sliding_window: int | None = None) -> torch.Tensor:
     """q [T, heads, d], k/v [T, kv_heads, d] of the packed tokens -> attention output [T, heads, d].
 
     Writes k/v into the caches at `batch.slots` first, so chunks and decodes
     of the same pass see each other's keys where their tables share blocks.
     With `alibi_slopes` [heads] (float32), scores get slope * (key position -
     query position) added (BLOOM, MPT); with `position_bias` [heads, D]
-    (float32), its entry for the distance query - key (T5's decoder).
+    (float32), its entry for the distance query - key (T5's decoder).  With `sliding_window` W, a query at
+    position p sees keys at p - W + 1 .. p only (Mistral; transformers' `kv_idx > q_idx - sliding_window`).
     """
     positional = alibi_slopes is not None or position_bias is not None
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, batch.slots, k)
@@ -123,12 +124,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     if batch.num_decode:
         b = batch.num_decode
         keys, values = _gather(k_cache, batch.decode_blocks), _gather(v_cache, batch.decode_blocks)
-        if not positional:
+        if not positional and not sliding_window:
             mask = batch.decode_bias(q.dtype)
         else:  # each decode's query sits at its last key
             mask = batch.decode_mask
             key_pos = torch.arange(mask.shape[-1], device=q.device)
-            mask = _position_mask(alibi_slopes, position_bias, mask.sum(-1)[:, 0] - 1, key_pos, mask, q.dtype)
+            last = mask.sum(-1, keepdim=True) - 1  # [B, 1, 1, 1] query positions
+            if sliding_window:
+                mask = mask & (key_pos > last - sliding_window)
+            if positional:
+                mask = _position_mask(alibi_slopes, position_bias, last[:, 0, 0], key_pos, mask, q.dtype)
         decoded = F.scaled_dot_product_attention(q[:b, :, None], keys, values, attn_mask=mask, enable_gqa=True)
         if not batch.chunks:  # a decode-only step (the common case): no output to assemble
             return decoded[:, :, 0].contiguous()
@@ -138,7 +143,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     for chunk in batch.chunks:
         rows = slice(chunk.row, chunk.row + chunk.count)
         query = q[rows].transpose(0, 1)[None]
-        if chunk.start == 0 and not positional:
+        if chunk.start == 0 and not positional and not (sliding_window and chunk.count > sliding_window):
             keys, values = k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None]
             result = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
         else:
@@ -148,6 +153,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             positions = torch.arange(chunk.start, end, device=q.device)
             key_pos = torch.arange(end, device=q.device)
             mask = key_pos[None] <= positions[:, None]
+            if sliding_window:
+                mask &= key_pos[None] > positions[:, None] - sliding_window
             if positional:
                 mask = _position_mask(alibi_slopes, position_bias, positions, key_pos, mask, q.dtype)
             result = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
@@ -170,34 +177,39 @@ def forward_context(batch: PagedBatch, cache: PagedKVCache) -> Iterator[None]:
 
 
 def _attend_in_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-                       alibi_slopes: torch.Tensor | None = None,
-                       position_bias: torch.Tensor | None = None) -> torch.Tensor:
+                       alibi_slopes: torch.Tensor | None = None, position_bias: torch.Tensor | None = None,
+                       sliding_window: int | None = None) -> torch.Tensor:
     if _context is None:
         raise RuntimeError("attend() called outside forward_context()")
     batch, cache = _context
-    return paged_attention(q, k, v, cache.k[layer], cache.v[layer], batch, alibi_slopes, position_bias)
+    return paged_attention(q, k, v, cache.k[layer], cache.v[layer], batch, alibi_slopes, position_bias,
+                           sliding_window)
 
 
 @torch.library.custom_op("tgis::paged_attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
                   alibi_slopes: Optional[torch.Tensor] = None,  # noqa: UP045 (schema inference)
-                  position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045
+                  position_bias: Optional[torch.Tensor] = None,  # noqa: UP045
+                  sliding_window: Optional[int] = None) -> torch.Tensor:  # noqa: UP045
     # Writes the cache of the forward context as a side effect: the cache is no input of a compiled graph, and
     # each layer's call depends on the previous layer's output, so the compiler can neither drop nor reorder it.
-    return _attend_in_context(q, k, v, layer, alibi_slopes, position_bias)
+    return _attend_in_context(q, k, v, layer, alibi_slopes, position_bias, sliding_window)
 
 
 @_attention_op.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
       alibi_slopes: Optional[torch.Tensor] = None,  # noqa: UP045
-      position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045
+      position_bias: Optional[torch.Tensor] = None,  # noqa: UP045
+      sliding_window: Optional[int] = None) -> torch.Tensor:  # noqa: UP045
     return q.new_empty(q.shape)  # contiguous, like the real op's output
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-           alibi_slopes: torch.Tensor | None = None, position_bias: torch.Tensor | None = None) -> torch.Tensor:
+           alibi_slopes: torch.Tensor | None = None, position_bias: torch.Tensor | None = None,
+           sliding_window: int | None = None) -> torch.Tensor:
     """Paged attention of `layer` for the current forward context's batch: q [T, heads, d], k/v [T, kv_heads, d];
-    `alibi_slopes` [heads] adds ALiBi position biases, `position_bias` [heads, D] a bias by distance (T5)."""
+    `alibi_slopes` [heads] adds ALiBi position biases, `position_bias` [heads, D] a bias by distance (T5),
+    `sliding_window` limits each query to that many latest keys (Mistral)."""
     if torch.compiler.is_compiling():
-        return _attention_op(q, k, v, layer, alibi_slopes, position_bias)
-    return _attend_in_context(q, k, v, layer, alibi_slopes, position_bias)  # eager: skip the op dispatcher
+        return _attention_op(q, k, v, layer, alibi_slopes, position_bias, sliding_window)
+    return _attend_in_context(q, k, v, layer, alibi_slopes, position_bias, sliding_window)  # eager: no dispatcher

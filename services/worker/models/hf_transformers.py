@@ -11,12 +11,12 @@ no mask is built (the paged attention masks by position).  Slower than a
 native family (no fused projections, no tensor parallelism), but it serves
 architectures without one.  Models whose attention does not go through
 transformers' attention interface, and those with attention features ours
-lacks (sliding windows, logit soft-capping), are refused at load.
+lacks (logit soft-capping), are refused at load; sliding windows come with
+each layer's call.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +25,6 @@ import torch
 from torch import nn
 
 from services.worker.paged_attention import attend
-
-logger = logging.getLogger(__name__)
 
 ATTENTION = "tgis_paged"
 
@@ -38,7 +36,9 @@ def _paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     if scaling is not None:  # attend() scales by 1/sqrt(d); fold any other scale into the queries
         q = q * (scaling * math.sqrt(q.shape[-1]))
-    return attend(q.contiguous(), k.contiguous(), v.contiguous(), module.layer_idx)[None], None
+    # Models with sliding-window layers pass the window here (as they do for flash attention); our mask is none.
+    return attend(q.contiguous(), k.contiguous(), v.contiguous(), module.layer_idx,
+                  sliding_window=kwargs.get("sliding_window"))[None], None
 
 
 def _no_mask(*args, **kwargs) -> None:
@@ -80,10 +80,6 @@ def _check_supported(config) -> None:
         raise ValueError(f"{config.model_type}: logit soft-capping is not supported by the hf_transformers engine")
     if getattr(text, "logit_scale", None) not in (None, 1, 1.0):
         raise ValueError(f"{config.model_type}: scaled logits are not supported by the hf_transformers engine")
-    window = getattr(text, "sliding_window", None)
-    if window and getattr(text, "use_sliding_window", True):
-        logger.warning("%s declares a sliding window of %d tokens; attention here is over the whole sequence, so "
-                       "longer sequences differ from the reference", config.model_type, window)
 
 
 class HFCausalLM(nn.Module):

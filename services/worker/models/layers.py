@@ -49,6 +49,8 @@ class DecoderArgs:
     residual: str = "sequential"  # "sequential", "parallel" (two norms) or "parallel_shared" (one norm for both)
     embed_norm: bool = False
     tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # keys each query sees (Mistral), in the layers listed in sliding_layers
+    sliding_layers: tuple[int, ...] = ()
 
     def kv_heads_per_rank(self, world_size: int) -> int:
         """KV heads each rank holds: its share, or one copy of its group's head when there are fewer than ranks."""
@@ -156,6 +158,7 @@ class Attention(nn.Module):
         # The bias of a row-parallel layer is added once, after the all-reduce.
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
         self.o_bias = nn.Parameter(torch.empty(args.hidden_size)) if args.out_bias else None
+        self.window = args.sliding_window if layer in args.sliding_layers else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 slopes: torch.Tensor | None) -> torch.Tensor:
@@ -169,7 +172,7 @@ class Attention(nn.Module):
         v = v.view(t, self.kv_heads, self.head_dim)
         if cos is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attend(q, k, v, self.layer, slopes)
+        out = attend(q, k, v, self.layer, slopes, sliding_window=self.window)
         out = self.o_proj(out.reshape(t, self.q_size))
         return reduce_parallel(out, self.o_bias, self.world_size, self.group)
 

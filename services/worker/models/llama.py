@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-
 from services.worker.models.layers import DecoderArgs
-
-logger = logging.getLogger(__name__)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -23,10 +19,6 @@ def rope_settings(config: dict) -> dict:
 def decoder_args(config: dict) -> DecoderArgs:
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {config['hidden_act']!r}")
-    window = config.get("sliding_window")
-    if window and config.get("use_sliding_window", config["model_type"] == "mistral"):
-        logger.warning("%s declares a sliding window of %d tokens; attention here is over the whole sequence, so "
-                       "longer sequences differ from the reference", config["model_type"], window)
     heads = config["num_attention_heads"]
     qwen2 = config["model_type"] == "qwen2"
     bias = config.get("attention_bias", False)
@@ -39,7 +31,22 @@ def decoder_args(config: dict) -> DecoderArgs:
         # Qwen2 has biases on q/k/v only.
         qkv_bias=qwen2 or bias, out_bias=bias and not qwen2, mlp_bias=config.get("mlp_bias", False),
         tie_word_embeddings=config.get("tie_word_embeddings", False),
+        **sliding_window(config),
     )
+
+
+def sliding_window(config: dict) -> dict:
+    """DecoderArgs' sliding_window and sliding_layers, as transformers reads them: Mistral's window applies to every
+    layer, Qwen2's (when use_sliding_window) from layer max_window_layers on; a config's layer_types say it per layer."""
+    window, layers = config.get("sliding_window"), config["num_hidden_layers"]
+    if not window or not config.get("use_sliding_window", config["model_type"] == "mistral"):
+        return {}
+    if config.get("layer_types"):
+        sliding = tuple(i for i, kind in enumerate(config["layer_types"]) if kind == "sliding_attention")
+    else:
+        first = config.get("max_window_layers", 0) if config["model_type"] == "qwen2" else 0
+        sliding = tuple(range(first, layers))
+    return {"sliding_window": window, "sliding_layers": sliding}
 
 
 def modules(args: DecoderArgs) -> dict[str, str | tuple[str, ...]]:
