@@ -16,6 +16,7 @@ from tests.test_t5 import (  # noqa: F401 (the engine tests run again here, on t
     EOS,
     VOCAB,
     _decoder_logits,
+    _engine,
     _inputs,
     _reference,
     build_t5,
@@ -51,6 +52,9 @@ def test_bart_loads_on_hf_transformers(flan_path, caplog):
     assert isinstance(model, HFSeq2SeqLM) and model.encoder_decoder
     assert "Engine hf_transformers for bart: model type bart has no tgis_native implementation" in caplog.text
     assert model.args.decoder_start_token_id == 0 and model.args.num_layers == 3
+    # Its own caches hold the K/V: the paged pool takes no memory, its whole budget bounds the blocks admitted.
+    engine = _engine(flan_path)
+    assert engine.cache.k[0].device.type == "meta" and engine.model_info().encoder_decoder
 
 
 @pytest.mark.parametrize("kind", ["bart", "t5"])

@@ -20,7 +20,7 @@ from services.common.protocol import (
 from services.worker.checkpoint import load_model
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
-from services.worker.kv_cache import PagedKVCache
+from services.worker.kv_cache import PagedKVCache, bytes_per_token
 from services.worker.paged_attention import PagedBatch, forward_context
 from tests.local_engine import LocalEngine
 from tests.tensor_parallel import on_two_ranks
@@ -133,6 +133,20 @@ def test_input_details_are_encoder_ids_with_nan_logprobs(flan_path):
     details = result.outputs[0].input_details
     assert [d.token_id for d in details] == ids
     assert all(math.isnan(d.logprob) and d.rank == 0 and not len(d.top_ids) for d in details)
+
+
+def test_cross_attention_kv_counts_in_the_kv_cache_budget(flan_path):
+    """KV_CACHE_MEMORY holds the decoder's blocks and the cross-attention K/V: a sequence's cross K/V is its
+    encoder length at the blocks' per-token size, and its blocks cover that length, so the pool takes half."""
+    engine, ids = _engine(flan_path), PROMPTS["c"]  # 16 MiB, blocks of 4
+    args = engine.model.args
+    per_token = bytes_per_token(args.num_layers, engine.model.kv_heads_per_rank, args.head_dim, torch.float32)
+    assert engine.cache.num_blocks == 8 * 2**20 // (4 * per_token)
+    table = list(range(-(-len(ids) // 4)))
+    engine.step(Step(1, [NewSequence("r", token_ids(ids), LogitsParams())], [],
+                     [ScheduledChunk("r", 0, len(ids), token_ids(table))]))
+    cross = sum(t.numel() * t.element_size() for kv in engine.sequences["r"].cross for t in kv)
+    assert cross == len(ids) * per_token <= len(table) * 4 * per_token
 
 
 def _prefixed_greedy(ref, ids: list[int], encoder: torch.Tensor | None, decoder: torch.Tensor | None) -> list[int]:

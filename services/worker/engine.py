@@ -168,8 +168,13 @@ class Engine:
             raise ValueError(f"max_sequence_length {self.max_sequence_length} exceeds the {positions} positions of "
                              f"{model_config.get('model_type')}'s learned position embeddings")
         self.vocab_size = args.vocab_size
+        budget = budget_bytes(config.kv_cache_memory, self.device)
+        if getattr(self.model, "encoder_decoder", False) and getattr(self.model, "paged", True):
+            # T5 keeps each sequence's cross-attention K/V beside the pool: encoder length x the pool's per-token size,
+            # and a sequence's blocks cover its encoder length, so half the budget each keeps both inside it.
+            budget //= 2
         self.cache = PagedKVCache.for_budget(
-            budget_bytes(config.kv_cache_memory, self.device), self.max_sequence_length, args.num_layers,
+            budget, self.max_sequence_length, args.num_layers,
             config.kv_block_size, self.model.kv_heads_per_rank, args.head_dim, self.dtype,
             # A model on its own cache (hf_transformers encoder-decoders) leaves the pool unused: no memory for it.
             self.device if getattr(self.model, "paged", True) else torch.device("meta"))
