@@ -29,13 +29,13 @@ import torch
 from safetensors import safe_open
 
 from services.worker.frameworks import NATIVE, choose_framework
-from services.worker.gemv import use_gemv_for_single_rows
 from services.worker.models.decoder import DecoderLM
 from services.worker.models.hf_seq2seq import load_hf_seq2seq
 from services.worker.models.hf_transformers import load_hf_model
 from services.worker.models.layers import DecoderArgs
 from services.worker.models.registry import ENCODER_DECODER_TYPES, family
 from services.worker.models.t5 import T5Args, T5ForConditionalGeneration
+from services.worker.packed_linear import pack_linear_layers
 from services.worker.quant import DEFAULT_GROUP_SIZE, quantize_model
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, rank: int
     if quantize_model(model, quantize, group_size) and dtype == torch.float32:
         logger.warning("quantized matmuls run in bfloat16, but the embedding, norms, attention, the layers kept "
                        "in float and the KV cache stay float32: DTYPE_STR=bfloat16 is faster")
-    use_gemv_for_single_rows(model, dtype, device)
+    pack_linear_layers(model, dtype, device)
     return model.eval().requires_grad_(False)
 
 

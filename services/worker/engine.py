@@ -43,6 +43,7 @@ from services.worker.paged_attention import PagedBatch, forward_context
 from services.worker.prefixes import covers_prefix, embed_with_prefixes, load_prefix, open_store
 from services.worker.sampling import (
     BatchParams,
+    argmax,
     choose,
     input_details,
     is_plain_greedy,
@@ -341,7 +342,7 @@ class Engine:
         scores = logits.index_select(0, last)
         guided = mask_guided(self.guides, seqs, scores, self._guide_failures)
         if all(is_plain_greedy(p) for p in params):  # nothing to process: the argmax is the token
-            tokens = scores.argmax(dim=-1)
+            tokens = argmax(scores)
         else:
             batch = BatchParams.build(params, self.device)
             generated = torch.tensor([seq.generated for seq in seqs], device=self.device)
