@@ -3,10 +3,11 @@
 A PEFT LoRA adapter (rank 8 by default, on q/k/v/o/gate/up/down, random
 non-zero A and B) is made in a temp ADAPTER_CACHE; the engine runs
 `--batch` sequences to their prompt's end, then times `--steps` decode steps
-with no adapter and with every row on the adapter (the medians, so a pause of
-the process does not count):
+with no adapter and with every row on the adapter, alternating for
+`--rounds` rounds; it reports the lowest of the rounds' median step times
+(the machine's cores are shared, so slower rounds measure the neighbours):
 
-    .venv/bin/python -m bench.lora_cost --batch 1 8 --steps 24
+    .venv/bin/python -m bench.lora_cost --batch 1 8 --steps 24 --rounds 3
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
@@ -59,8 +61,9 @@ def main() -> None:
         local = LocalEngine(engine, max_batch_size=max(args.batch))
         print(f"demo model, {args.dtype}, LoRA rank {args.rank} on all 7 projections, {torch.get_num_threads()} threads")
         for batch in args.batch:
-            base = decode_ms(local, batch, args.steps, "", f"base{batch}")
-            lora = decode_ms(local, batch, args.steps, "bench", f"lora{batch}")
+            runs = [(decode_ms(local, batch, args.steps, "", f"base{batch}-{i}"),
+                     decode_ms(local, batch, args.steps, "bench", f"lora{batch}-{i}")) for i in range(args.rounds)]
+            base, lora = min(r[0] for r in runs), min(r[1] for r in runs)
             print(f"batch {batch}: decode step {base:.2f} ms without, {lora:.2f} ms with the adapter "
                   f"(+{lora - base:.2f} ms, +{100 * (lora - base) / base:.0f}%; per token +{(lora - base) / batch:.2f} ms)")
 

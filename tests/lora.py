@@ -17,7 +17,7 @@ def make_adapter(model_path: Path, folder: Path, *, seed: int, targets: tuple[st
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False, **options)
     model = get_peft_model(base, config)
     with torch.no_grad():
@@ -32,7 +32,7 @@ def peft_greedy(model_path: Path, adapter: Path | None, ids: list[int], max_new_
     """PEFT's generate() with the adapter (plain transformers without one): greedy, all max_new_tokens tokens."""
     from peft import PeftModel
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)  # fresh: PEFT edits it
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)  # fresh: PEFT edits it
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()

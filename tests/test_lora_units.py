@@ -18,6 +18,7 @@ from services.gateway.adapters import AdapterLookup
 from services.gateway.validation import ValidationError
 from services.scheduler.batcher import Batcher
 from services.scheduler.blocks import BlockManager
+from services.worker.lora import lora_dtype
 from services.worker.lora_layers import LoraBatch, LoraLinear, LoraWeights, lora_context
 from services.worker.quant import Int4Linear, Int8Linear
 
@@ -56,18 +57,20 @@ def test_each_row_gets_its_own_adapters_delta():
 
 @pytest.mark.parametrize("kind", ["bfloat16", "int8", "int4"])
 def test_lora_composes_with_quantized_and_bfloat16_layers(kind):
-    """LoRA runs in the activation dtype on the base layer's output, whatever the weights format."""
+    """LoRA reads and adds in the activation dtype whatever the weights format; its matmuls run in float32 on CPU."""
     gen = torch.Generator().manual_seed(2)
     linear = nn.Linear(64, 32, bias=False)
     base = {"bfloat16": linear.to(torch.bfloat16), "int8": Int8Linear(linear.weight, None),
             "int4": Int4Linear(linear.weight, None, 32)}[kind]
-    w = _weights("a", gen, 64, 32, 4)
-    w.layers["layer"] = tuple(t.to(torch.bfloat16) for t in w.layers["layer"])
+    w = _weights("a", gen, 64, 32, 4)  # float32: lora_dtype on CPU
+    assert lora_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+    assert lora_dtype(torch.bfloat16, torch.device("cuda")) == torch.bfloat16
     x = torch.randn(3, 64, generator=gen).to(torch.bfloat16)
-    with torch.no_grad(), lora_context(LoraBatch.build([(w, 3)], torch.device("cpu"))):
+    with torch.no_grad(), lora_context(LoraBatch.build([(w, 2), (None, 1)], torch.device("cpu"))):
         y = LoraLinear(base, "layer")(x)
     with torch.no_grad():
-        expected = base(x) + (x @ w.layers["layer"][0]) @ w.layers["layer"][1]
+        delta = ((x.float() @ w.layers["layer"][0]) @ w.layers["layer"][1]).to(torch.bfloat16)
+        expected = base(x) + torch.cat([delta[:2], torch.zeros(1, 32, dtype=torch.bfloat16)])
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, expected)
 

@@ -116,3 +116,14 @@ def test_tensor_parallel_lora_equals_peft(tiny_model_path, cache, expected, tmp_
     for got in on_two_ranks(_rank_generate, tiny_model_path, cache, folder=tmp_path):
         for a in ("a", "team/b", ""):
             assert got[f"{a or 'none'}-p1"] == expected[(a, "p1")], a
+
+
+def test_compiled_engine_runs_lora_steps_eagerly_and_plain_steps_compiled(tiny_model_path, cache, expected):
+    """PT2_COMPILE: the graph is traced without LoRA (wrapped layers see no LoRA batch); steps with LoRA rows take
+    the eager forward, the others the compiled one."""
+    engine = _engine(tiny_model_path, cache, max_batch_size=4, pt2_compile="true")
+    assert engine.eager_forward is not engine.model.forward  # compiled
+    got = _generate(LocalEngine(engine, max_batch_size=4), [("a", "a", PROMPTS["p1"]), ("n", "", PROMPTS["p2"])])
+    assert got == {"a": expected[("a", "p1")], "n": expected[("", "p2")]}
+    got = _generate(LocalEngine(engine, max_batch_size=4), [("n2", "", PROMPTS["p1"])])  # plain: compiled
+    assert got["n2"] == expected[("", "p1")]

@@ -85,6 +85,13 @@ class LoraPlan:
         return {name.rpartition(".")[2]: [a, b] for parts in self.layers.values() for name, a, b in parts}
 
 
+def lora_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """What LoRA's matmuls run in: the activation dtype on accelerators; float32 on CPU, where a bfloat16 matmul of
+    [T, 576] x [576, 8] took ~1.6 ms against ~11 us in float32 (2 cores, torch 2.13), which made a rank-8 adapter
+    cost +88% per bfloat16 token at batch 1 (bench/lora_cost.py)."""
+    return torch.float32 if device.type == "cpu" else dtype
+
+
 def _scale(config, module: str, rank: int) -> float:
     """PEFT's scaling of one module: its alpha (alpha_pattern or lora_alpha) over r, or over sqrt(r) (rsLoRA)."""
     from peft.utils.other import get_pattern_key
@@ -137,7 +144,7 @@ class LoraCache:
         if max_loras < 1:
             raise ValueError(f"MAX_LORAS must be at least 1, got {max_loras}")
         self.root, self.plan, self.max_loras = Path(root), plan, max_loras
-        self.dtype, self.device, self.rank, self.world_size = dtype, device, rank, world_size
+        self.dtype, self.device, self.rank, self.world_size = lora_dtype(dtype, device), device, rank, world_size
         self._loaded: OrderedDict[str, LoraWeights] = OrderedDict()
         self.loads = self.evictions = 0
 

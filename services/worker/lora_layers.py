@@ -11,8 +11,10 @@ per adapter in the step, `(x[rows] A^T) B^T` to its output rows: one
 
 Rows without an adapter cost nothing: a step where no row has one sets no
 context, and a wrapped layer is then its base layer plus one global read.
-The base layer may be float, int8 or int4 (`quant.py`): LoRA runs in the
-activation dtype on the layer's input and output, whatever the weights.
+The base layer may be float, int8 or int4 (`quant.py`): LoRA reads the
+layer's input and adds to its output in the activation dtype, whatever the
+weights; its own two matmuls run in the adapter's dtype (`lora.lora_dtype`:
+float32 on CPU, where bfloat16 matmuls this thin cost ~100x more).
 
 What a GPU kernel would change: punica's BGMV (decode) and SGMV (prefill
 segments) kernels do the same per-row work in one launch per layer for all
@@ -35,7 +37,7 @@ from torch import nn
 @dataclass(eq=False)
 class LoraWeights:
     """One loaded adapter on one rank: per wrapped layer name, (A^T [in, r], B^T [r, out] with the scale in it),
-    both this rank's shard in the activation dtype."""
+    both this rank's shard, in the dtype LoRA computes in."""
 
     adapter_id: str
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -72,9 +74,9 @@ class LoraBatch:
                 continue
             a_t, b_t = pair
             if rows is None:
-                y = y + (x @ a_t) @ b_t
-            else:
-                y = y.index_add_(0, rows, (x.index_select(0, rows) @ a_t) @ b_t)  # y is the layer's own output
+                y = y + ((x.to(a_t.dtype) @ a_t) @ b_t).to(y.dtype)
+            else:  # in place: y is the layer's own output
+                y = y.index_add_(0, rows, ((x.index_select(0, rows).to(a_t.dtype) @ a_t) @ b_t).to(y.dtype))
         return y
 
 
