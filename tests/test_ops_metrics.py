@@ -46,6 +46,8 @@ COUNTERS = {
     "tgi_prefix_cache_hit_tokens": set(),
     "tgi_kv_preemption": set(),
     "tgi_replica_request_count": {"replica"},
+    "tgi_lora_request_count": {"adapter_id"},
+    "tgi_lora_generated_tokens": {"adapter_id"},
 }
 HISTOGRAMS = {
     "tgi_request_raw_input_length": set(),
