@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers import LlamaForCausalLM
 
 from services.worker.checkpoint import load_model
 from services.worker.compile import compile_model, pt2_compile_enabled
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
+from services.worker.packed_linear import packed_linears_supported
 from tests.local_engine import LocalEngine
 from tests.tensor_parallel import on_two_ranks
 from tests.test_worker_model import CPU, _tp_logits
@@ -61,3 +63,16 @@ def test_compiled_tensor_parallel_ranks_match_one_eager_rank(tmp_path, tiny_mode
     for result in on_two_ranks(_compiled_tp_logits, tiny_model_path, folder=tmp_path):
         for name in ("prefill", "decode"):
             torch.testing.assert_close(result[name], expected[name], atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not packed_linears_supported(torch.bfloat16, CPU), reason="oneDNN runs no bfloat16 on this CPU")
+def test_compiled_bfloat16_packs_its_weights_in_the_graph(tiny_model_path):
+    expected = _tp_logits(load_model(tiny_model_path, torch.float32, CPU))
+    model = load_model(tiny_model_path, torch.bfloat16, CPU, pack_linears=False)
+    counters.clear()
+    compile_model(model, freeze=True)
+    with torch.inference_mode():
+        got = _tp_logits(model)
+    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > 0  # inductor packed the projections
+    for name in ("prefill", "decode"):  # bfloat16's rounding, as the quantization tests bound it
+        assert (got[name].float() - expected[name]).abs().max() < 0.05 * expected[name].abs().max(), name

@@ -27,8 +27,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low
 
 def _new_cache(model, num_blocks: int = 64, block_size: int = 4) -> PagedKVCache:
     args = model.args
-    return PagedKVCache(args.num_layers, num_blocks, block_size, model.kv_heads_per_rank, args.head_dim,
-                        torch.float32, CPU)
+    dtype = model.model.embed_tokens.weight.dtype  # the cache holds K/V in the model's dtype
+    return PagedKVCache(args.num_layers, num_blocks, block_size, model.kv_heads_per_rank, args.head_dim, dtype, CPU)
 
 
 def _forward(model, cache: PagedKVCache, runs: list[tuple[list[int], int, int]], tables: list[list[int]]) -> torch.Tensor:

@@ -20,6 +20,7 @@ import logging
 import time
 
 import torch
+import torch._inductor.config
 
 from services.worker.kv_cache import PagedKVCache
 from services.worker.paged_attention import PagedBatch, forward_context
@@ -34,9 +35,17 @@ def pt2_compile_enabled(value: str | None) -> bool:
     return value is not None and value.strip() != "" and value.strip().lower() != "false"
 
 
-def compile_model(model: torch.nn.Module) -> None:
-    """Replace `model.forward` by its compiled version (dynamic in the number of packed tokens)."""
+def compile_model(model: torch.nn.Module, freeze: bool = False) -> None:
+    """Replace `model.forward` by its compiled version (dynamic in the number of packed tokens).
+
+    `freeze` makes the weights constants of the graph, so inductor prepacks the float linear layers for
+    oneDNN itself (bfloat16 on CPU: what `packed_linear.py` does for eager models; a prepacked weight
+    reached through an opaque op would cost ~30 us a call in a dynamic-shape graph).
+    """
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    # Global, not `options=`: inductor reads it outside the options' scope. Set on every call (tests compile
+    # float32 and bfloat16 models in one process); the compile itself happens at the first call, in warm_up.
+    torch._inductor.config.freezing = freeze
     model.forward = torch.compile(model.forward, dynamic=True, fullgraph=True)
 
 

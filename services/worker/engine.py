@@ -39,6 +39,7 @@ from services.worker.guided import Guide, Guides, allow_eos_where_stuck, mask_gu
 from services.worker.kv_cache import PagedKVCache, budget_bytes
 from services.worker.lora import LoraWeights, open_loras
 from services.worker.lora_layers import LoraBatch, lora_context
+from services.worker.packed_linear import packed_linears_supported
 from services.worker.paged_attention import PagedBatch, forward_context
 from services.worker.prefixes import covers_prefix, embed_with_prefixes, load_prefix, open_store
 from services.worker.sampling import (
@@ -162,7 +163,8 @@ class Engine:
                     str(self.dtype).removeprefix("torch."), self.device, config.rank, config.world_size)
         self.model = load_model(self.model_path, self.dtype, self.device, config.rank, config.world_size,
                                 quantize=config.quantize, group_size=config.quantize_group_size,
-                                framework=config.deployment_framework)
+                                framework=config.deployment_framework,
+                                pack_linears=not pt2_compile_enabled(config.pt2_compile))
         args = self.model.args
         positions = getattr(self.model, "max_positions", None)
         if positions is not None and self.max_sequence_length > positions:
@@ -194,7 +196,7 @@ class Engine:
         if pt2_compile_enabled(config.pt2_compile) and self.encoder_decoder:
             logger.warning("PT2_COMPILE is not applied to encoder-decoder models: they run eagerly")
         elif pt2_compile_enabled(config.pt2_compile):
-            compile_model(self.model)
+            compile_model(self.model, freeze=packed_linears_supported(self.dtype, self.device))
             warm_up(self.model, self.cache, config.max_batch_size, min(WARM_UP_PREFILL, self.max_sequence_length - 1))
 
     def model_info(self) -> ModelInfo:

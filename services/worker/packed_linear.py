@@ -10,7 +10,6 @@ kernel is slower at one row, and its results would differ in the last bits.
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 from torch import nn
@@ -30,25 +29,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return _packed_linear_op(x, self.weight, self.bias)
-        return _packed_linear(x, self.weight, self.bias)
-
-
-def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-# Opaque to torch.compile: inductor lowers `_linear_pointwise` only on weights it packed itself (freezing).
-@torch.library.custom_op("tgis::packed_linear", mutates_args=())
-def _packed_linear_op(x: torch.Tensor, weight: torch.Tensor,
-                      bias: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045 (schema inference)
-    return _packed_linear(x, weight, bias)
-
-
-@_packed_linear_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+        # Eager only: inductor lowers this op on weights it packed itself (compiled models freeze instead).
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 def packed_linears_supported(dtype: torch.dtype, device: torch.device) -> bool:
