@@ -24,8 +24,9 @@ def to_params(s: ref.Settings, **response) -> pb.Parameters:
     return params
 
 
-def generate(server, text: str, params: pb.Parameters) -> pb.GenerationResponse:
-    """Unary and streamed; asserts TGIS's stream layout and parity, returns the unary response."""
+def generate(server, text: str, params: pb.Parameters, echo_separator: str = "") -> pb.GenerationResponse:
+    """Unary and streamed; asserts TGIS's stream layout and parity, returns the unary response (an echoed input
+    is followed by `echo_separator` in the unary text only: "\n\n" for encoder-decoders)."""
     unary = server.stub.Generate(pb.BatchedGenerationRequest(requests=[pb.GenerationRequest(text=text)],
                                                              params=params)).responses[0]
     messages = list(server.stub.GenerateStream(pb.SingleGenerationRequest(request=pb.GenerationRequest(text=text),
@@ -40,7 +41,8 @@ def generate(server, text: str, params: pb.Parameters) -> pb.GenerationResponse:
     assert counts == sorted(set(counts)), "counts strictly increase"
     assert (last.generated_token_count, last.stop_reason, last.stop_sequence) == (
         unary.generated_token_count, unary.stop_reason, unary.stop_sequence)
-    assert "".join(m.text for m in messages) == unary.text
+    separator = echo_separator if params.response.input_text else ""
+    assert messages[0].text + separator + "".join(m.text for m in messages[1:]) == unary.text
     assert [t for m in messages for t in m.tokens] == list(unary.tokens)
     streamed_inputs = [t for m in messages for t in m.input_tokens]
     assert len(streamed_inputs) == len(unary.input_tokens)
@@ -68,10 +70,11 @@ def assert_details_like(infos, steps: list[ref.Step], tok) -> None:
         assert all(close(t.logprob, lp) for t, (_, lp) in zip(info.top_tokens, step.top, strict=True))
 
 
-def assert_echo_with_truncation(server, tok, model_path, prompt: str, keep: int) -> None:
-    """`input_text` echoes the whole prompt even when only the last `keep` tokens are generated from."""
+def assert_echo_with_truncation(server, tok, model_path, prompt: str, keep: int, separator: str = "") -> None:
+    """`input_text` echoes the whole prompt (then `separator`: "\n\n" for encoder-decoders) even when only the
+    last `keep` tokens are generated from."""
     settings = ref.Settings(max_new_tokens=6, truncate_input_tokens=keep)
-    response = generate(server, prompt, to_params(settings, input_text=True))
+    response = generate(server, prompt, to_params(settings, input_text=True), separator)
     expected = ref.generate(model_path, prompt, settings)
     assert response.input_token_count == keep
-    assert response.text == prompt + tok.decode(expected.ids, skip_special_tokens=True)
+    assert response.text == prompt + separator + tok.decode(expected.ids, skip_special_tokens=True)

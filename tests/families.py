@@ -47,6 +47,15 @@ HF_VARIANTS: dict[str, tuple[str, dict]] = {
                               max_position_embeddings=128, word_embed_proj_dim=64, init_std=0.2)),
     "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, rotary_dim=8)),
 }
+# Encoder-decoders for the end-to-end conformance suite (decoder start 0; BART without forced BOS/EOS, as TGIS).
+SEQ2SEQ_VARIANTS: dict[str, tuple[str, dict]] = {
+    "t5": ("T5Config", dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                            decoder_start_token_id=0, pad_token_id=0)),
+    "bart": ("BartConfig", dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                max_position_embeddings=256, decoder_start_token_id=0, pad_token_id=0,
+                                forced_eos_token_id=None, init_std=0.2)),
+}
 # One variant per trait under tensor parallelism: per-head fused QKV + parallel residual, MQA (KV copied on
 # both ranks), grouped KV, ALiBi slopes split, Conv1D weights, separate q/k/v with GQA.
 TP_VARIANTS = ("llama", "gpt_neox", "gpt_bigcode", "falcon-new-arch", "bloom", "gpt2")
@@ -65,7 +74,8 @@ def build_family_model(variant: str, target: Path, seed: int = 0) -> Path:
 
 
 def build_with_tokenizer(variant: str, target: Path, tokenizer_source: Path, seed: int = 0, **overrides) -> Path:
-    """`variant` sized to the demo model's vocabulary, its tokenizer beside it (for end-to-end tests over text)."""
+    """`variant` (decoder or encoder-decoder) sized to the demo model's vocabulary, its tokenizer beside it (for
+    end-to-end tests over text)."""
     import json
     import shutil
 
@@ -74,12 +84,13 @@ def build_with_tokenizer(variant: str, target: Path, tokenizer_source: Path, see
     from tests.conftest import TOKENIZER_FILES
 
     demo = json.loads((tokenizer_source / "config.json").read_text())
-    class_name, settings = VARIANTS.get(variant) or HF_VARIANTS[variant]
+    class_name, settings = VARIANTS.get(variant) or HF_VARIANTS.get(variant) or SEQ2SEQ_VARIANTS[variant]
     config = getattr(transformers, class_name)(**{**COMMON, "vocab_size": demo["vocab_size"],
                                                   "bos_token_id": demo["bos_token_id"],
-                                                  "eos_token_id": demo["eos_token_id"]}, **{**settings, **overrides})
+                                                  "eos_token_id": demo["eos_token_id"], **settings, **overrides})
     torch.manual_seed(seed)
-    transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(target)
+    auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
+    auto.from_config(config).eval().save_pretrained(target)
     for name in TOKENIZER_FILES:
         if (tokenizer_source / name).exists():
             shutil.copy(tokenizer_source / name, target / name)

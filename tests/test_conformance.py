@@ -201,18 +201,30 @@ def token_texts(tok, ids: list[int]) -> list[str]:
     return [tok.decode(ids[: i + 1], skip_special_tokens=True) for i in range(len(ids))]
 
 
+def spanning_stop(texts: list[str]) -> tuple[int, int, int]:
+    """(start, end, tokens): the first stop sequence of the reference output that starts inside one token's text,
+    spans the next token and ends inside the one after (its last character left out), occurring first there;
+    chosen from the output, as a fixed choice can recur earlier in a model's repetitive text."""
+    full, lengths = texts[-1], [0] + [len(t) for t in texts]
+    for k in range(len(texts) - 2):
+        start, end = lengths[k + 1] - 1, lengths[k + 3] - 1
+        # Whole characters per token (the text grows by each), the first token's own text not empty, the third's
+        # at least 2 characters so that the stop ends inside it.
+        whole = all(full.startswith(t) for t in texts[k: k + 3])
+        if whole and start >= lengths[k] and end > lengths[k + 2] and full.find(full[start:end]) == start:
+            return start, end, k + 3
+    pytest.fail(f"no stop sequence spanning three tokens occurs first where it ends in {full!r}")
+
+
 @pytest.mark.parametrize("include", [None, True, False])
 def test_stop_sequence_across_tokens(server, tok, tiny_model_path, include):
     expected = ref.generate(tiny_model_path, PROMPT, ref.Settings(max_new_tokens=30))
     texts = token_texts(tok, expected.ids)
-    # A stop sequence that starts inside token 5's text and ends inside token 7's text.
-    start = len(texts[4]) - 1
-    end = len(texts[6]) - 1
+    start, end, tokens = spanning_stop(texts)
     stop = texts[-1][start:end]
-    assert stop and texts[-1].find(stop) == start, "pick a stop sequence that first occurs there"
     response = generate(server, PROMPT, stop_params(30, [stop], include))
     assert response.stop_reason == pb.STOP_SEQUENCE and response.stop_sequence == stop
-    assert response.generated_token_count == 7
+    assert response.generated_token_count == tokens
     cut = end if include in (None, True) else start
     assert response.text == texts[-1][:cut]
 
@@ -231,13 +243,18 @@ def test_first_stop_sequence_in_list_wins(server, tok, tiny_model_path):
 
 
 def test_stop_sequence_on_last_allowed_token_is_max_tokens(server, tok, tiny_model_path):
-    expected = ref.generate(tiny_model_path, PROMPT, ref.Settings(max_new_tokens=6))
+    expected = ref.generate(tiny_model_path, PROMPT, ref.Settings(max_new_tokens=30))
     texts = token_texts(tok, expected.ids)
-    stop = texts[-1][len(texts[-2]):]
-    if not stop or stop in texts[-2]:
-        pytest.skip("last token text not a fresh stop sequence for this model")
-    response = generate(server, PROMPT, stop_params(6, [stop], False))
-    assert (response.stop_reason, response.text, response.stop_sequence) == (pb.MAX_TOKENS, texts[-1], "")
+    # The first token limit whose last token's text is a fresh stop sequence (chosen from the output: in a
+    # repetitive one a fixed limit's last token text has often occurred before).
+    before = ["", *texts]  # the text before each token
+    fresh = [n for n in range(1, len(texts) + 1)
+             if texts[n - 1].startswith(before[n - 1]) and texts[n - 1][len(before[n - 1]):] not in before[n - 1]]
+    assert fresh, f"no token of {texts[-1]!r} has a text that did not occur before it"
+    n = fresh[0]
+    stop = texts[n - 1][len(before[n - 1]):]
+    response = generate(server, PROMPT, stop_params(n, [stop], False))
+    assert (response.stop_reason, response.text, response.stop_sequence) == (pb.MAX_TOKENS, texts[n - 1], "")
 
 
 def test_time_limit_in_batch_and_in_queue(server, tok):
@@ -289,7 +306,8 @@ def test_time_limit_in_batch_and_in_queue(server, tok):
 
 
 def test_input_text_echo_uses_full_untruncated_text(server, tok, tiny_model_path):
-    assert_echo_with_truncation(server, tok, tiny_model_path, PROMPT, keep=4)
+    separator = "\n\n" if load(tiny_model_path)[1].config.is_encoder_decoder else ""  # TGIS's seq2seq echo
+    assert_echo_with_truncation(server, tok, tiny_model_path, PROMPT, keep=4, separator=separator)
 
 
 # ---------------------------------------------------------------------------------------------- 6. token details

@@ -1,17 +1,17 @@
-"""End to end: a tiny T5 (demo tokenizer) over gRPC: ENCODER_DECODER kind, generate() parity, TGIS's seq2seq replies."""
+"""End to end over gRPC, TGIS's seq2seq replies (ENCODER_DECODER kind, generate() parity, echo, NaN input details,
+prefixes): a tiny T5 on tgis_native and a tiny BART on hf_transformers (demo tokenizer)."""
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from services.gateway.pb import generation_pb2 as pb
-from tests.conftest import TOKENIZER_FILES
+from tests.families import build_with_tokenizer
 from tests.pipeline import Pipeline
 
 pytestmark = pytest.mark.e2e
@@ -20,21 +20,11 @@ PROMPT = "Translate to French: the cat"
 NEW = 10
 
 
-@pytest.fixture(scope="module")
-def t5_model(demo_model_path, tmp_path_factory) -> Path:
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    target = tmp_path_factory.mktemp("e2e-t5") / "model"
-    demo = json.loads((demo_model_path / "config.json").read_text())
-    config = T5Config(vocab_size=demo["vocab_size"], d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                      feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
-                      eos_token_id=demo["eos_token_id"], n_positions=128)
-    torch.manual_seed(3)
-    T5ForConditionalGeneration(config).eval().save_pretrained(target)
-    for name in TOKENIZER_FILES:
-        if (demo_model_path / name).exists():
-            shutil.copy(demo_model_path / name, target / name)
-    return target
+@pytest.fixture(scope="module", params=["t5", "bart"])
+def t5_model(request, demo_model_path, tmp_path_factory) -> Path:
+    """T5 (served by tgis_native) or BART (by hf_transformers), both with decoder start token 0, 32 wide."""
+    target = tmp_path_factory.mktemp(f"e2e-{request.param}") / "model"
+    return build_with_tokenizer(request.param, target, demo_model_path, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +47,10 @@ def pipeline(t5_model, store, tmp_path_factory):
 
 
 def _expected(model_path: Path) -> tuple[list[int], str, int]:
-    from transformers import AutoTokenizer, T5ForConditionalGeneration
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = T5ForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_path, dtype=torch.float32).eval()
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW)
@@ -74,9 +64,12 @@ def _params(**response) -> pb.Parameters:
     return pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=NEW), response=pb.ResponseOptions(**response))
 
 
-def test_model_info_says_encoder_decoder(pipeline):
+def test_model_info_says_encoder_decoder(pipeline, t5_model):
     info = pipeline.stub.ModelInfo(pb.ModelInfoRequest(model_id="t5"))
     assert info.model_kind == pb.ModelInfoResponse.ENCODER_DECODER
+    model_type = json.loads((t5_model / "config.json").read_text())["model_type"]
+    engine = "tgis_native" if model_type == "t5" else "hf_transformers"
+    assert f"Engine {engine} for {model_type}" in pipeline.logs()
 
 
 def test_unary_equals_generate_with_echo_separator_and_nan_input_logprobs(pipeline, t5_model):
@@ -99,10 +92,10 @@ def test_stream_matches_unary(pipeline, t5_model):
 
 
 def test_prompt_prefix_with_encoder_and_decoder_parts(pipeline, t5_model, store):
-    from transformers import AutoTokenizer, T5ForConditionalGeneration
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(t5_model)
-    model = T5ForConditionalGeneration.from_pretrained(t5_model, dtype=torch.float32).eval()
+    model = AutoModelForSeq2SeqLM.from_pretrained(t5_model, dtype=torch.float32).eval()
     encoder, decoder = torch.load(store / "tuned" / "encoder.pt"), torch.load(store / "tuned" / "decoder.pt")
     embed, eos = model.get_input_embeddings(), model.config.eos_token_id
     ids = tokenizer(PROMPT).input_ids

@@ -11,6 +11,7 @@ import torch
 
 from services.worker.checkpoint import load_model
 from services.worker.models.hf_seq2seq import HFSeq2SeqLM
+from tests.families import SEQ2SEQ_VARIANTS
 from tests.test_t5 import (  # noqa: F401 (the engine tests run again here, on the `flan_path` fixture below)
     CPU,
     EOS,
@@ -27,14 +28,12 @@ from tests.test_t5 import (  # noqa: F401 (the engine tests run again here, on t
 )
 
 
-def build_bart(target: Path, seed: int = 0, vocab_size: int = VOCAB, eos: int = EOS, **settings) -> Path:
-    """A tiny random BART: decoder starts from 0 like the T5 tests' models; no forced BOS/EOS (TGIS has none)."""
+def build_bart(target: Path, seed: int = 0) -> Path:
+    """A tiny random BART (the conformance suite's, on test_t5's vocabulary; 3 decoder layers, 2 encoder)."""
     from transformers import BartConfig, BartForConditionalGeneration
 
-    config = BartConfig(vocab_size=vocab_size, d_model=32, encoder_layers=2, decoder_layers=3,
-                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                        max_position_embeddings=128, bos_token_id=0, pad_token_id=0, eos_token_id=eos,
-                        decoder_start_token_id=0, forced_eos_token_id=None, init_std=0.2, **settings)
+    settings = {**SEQ2SEQ_VARIANTS["bart"][1], "decoder_layers": 3}
+    config = BartConfig(vocab_size=VOCAB, bos_token_id=0, eos_token_id=EOS, **settings)
     torch.manual_seed(seed)
     BartForConditionalGeneration(config).eval().save_pretrained(target)
     return target

@@ -3,6 +3,9 @@
 One sequence at a time, the whole prefix recomputed every step, every logits
 processor a few lines of plain torch, so it shares nothing with the worker's
 batched implementation except the torch RNG ops TGIS itself uses for sampling.
+Encoder-decoders as TGIS runs them (spec 7.2): the decoder starts from
+`decoder_start_token_id` and its ids alone are the penalty's history; input
+token details are NaN log-probabilities only.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 import torch
 
 from services.gateway.pb import generation_pb2 as pb
-from tests.reference import eos_id, load
+from tests.reference import eos_id, load, one_thread
 
 
 @dataclass
@@ -100,12 +103,13 @@ def _top_tokens(scores: torch.Tensor, n: int, with_logprobs: bool) -> list[tuple
     threshold = torch.topk(scores, n).values[-1]
     if threshold == -math.inf:
         threshold = torch.finfo(scores.dtype).min
-    ids = [i for i in range(scores.numel()) if scores[i] >= threshold][: 4 * n]
+    ids = torch.nonzero(scores >= threshold).flatten()[: 4 * n].tolist()  # ascending ids
     logp = scores.log_softmax(-1)
     pairs = [(i, float(logp[i])) for i in ids]
     return sorted(pairs, key=lambda p: (-p[1], p[0])) if with_logprobs else pairs
 
 
+@one_thread()
 def generate(model_path: Path, text: str, s: Settings) -> Result:
     """What TGIS generates for one input (token ids, details, stop reason; no stop sequences)."""
     tokenizer, model = load(model_path)
@@ -118,10 +122,16 @@ def generate(model_path: Path, text: str, s: Settings) -> Result:
     if len(input_ids) + max_new > s.max_sequence_length:
         max_new, limited = s.max_sequence_length - len(input_ids), True
     generator = torch.Generator().manual_seed(s.seed) if s.sample else None
-    ids, steps = list(input_ids), []
+    seq2seq = model.config.is_encoder_decoder
+    start = model.generation_config.decoder_start_token_id
+    ids, steps = [model.config.decoder_start_token_id if start is None else start] if seq2seq else list(input_ids), []
     while True:
         with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            if seq2seq:
+                out = model(input_ids=torch.tensor([input_ids]), decoder_input_ids=torch.tensor([ids]))
+            else:
+                out = model(torch.tensor([ids]))
+            logits = out.logits[0, -1].float()
         scores = _process(logits, ids, len(steps), s, eos, pad)
         if s.sample:
             probs = scores.softmax(-1)
@@ -138,10 +148,13 @@ def generate(model_path: Path, text: str, s: Settings) -> Result:
             return Result(input_ids, steps, pb.TOKEN_LIMIT if limited else pb.MAX_TOKENS, limited)
 
 
+@one_thread()
 def input_details(model_path: Path, text: str, top_n: int = 0) -> list[Step]:
     """Input-token details: NaN for the first, then from the raw logits of the previous position."""
     tokenizer, model = load(model_path)
     input_ids = tokenizer(text, add_special_tokens=True).input_ids
+    if model.config.is_encoder_decoder:
+        return [Step(token, math.nan, 0) for token in input_ids]
     with torch.no_grad():
         logits = model(torch.tensor([input_ids])).logits[0].float()
     details = [Step(input_ids[0], math.nan, 0)]
