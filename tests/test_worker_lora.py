@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from services.common.protocol import GenerateRequest, LogitsParams, NewSequence, Step, StopParams, token_ids
 from services.worker.config import WorkerConfig
@@ -127,3 +128,25 @@ def test_compiled_engine_runs_lora_steps_eagerly_and_plain_steps_compiled(tiny_m
     assert got == {"a": expected[("a", "p1")], "n": expected[("", "p2")]}
     got = _generate(LocalEngine(engine, max_batch_size=4), [("n2", "", PROMPTS["p1"])])  # plain: compiled
     assert got["n2"] == expected[("", "p1")]
+
+
+def test_lora_with_a_prompt_prefix_equals_peft_on_the_prefixed_embeddings(tiny_model_path, cache, tmp_path):
+    """prefix_id and adapter_id together: the prefix rows replace the placeholders' embeddings, then every layer
+    runs with the adapter (PEFT's generate() from inputs_embeds)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    prefix = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    (tmp_path / "soft").mkdir()
+    torch.save(prefix, tmp_path / "soft" / "decoder.pt")
+    ids = PROMPTS["p1"]
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), cache / "a").eval()
+    with torch.no_grad():
+        embeds = torch.cat([prefix, reference.get_input_embeddings()(torch.tensor(ids))])[None]
+        want = reference.generate(inputs_embeds=embeds, attention_mask=torch.ones(1, embeds.shape[1], dtype=torch.long),
+                                  do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)[0].tolist()
+    local = LocalEngine(_engine(tiny_model_path, cache, prefix_store_path=str(tmp_path)))
+    placeholders = [local.engine.pad_id] * 3
+    local.batcher.submit(b"t", [GenerateRequest("pa", token_ids(placeholders + ids), LogitsParams(), StopParams(NEW, NEW),
+                                                0.0, prefix_id="soft", prefix_length=3, adapter_id="a")])
+    assert local.run({"pa": []})["pa"] == want
