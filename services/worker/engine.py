@@ -39,7 +39,7 @@ from services.worker.guided import Guide, Guides, allow_eos_where_stuck, mask_gu
 from services.worker.kv_cache import PagedKVCache, budget_bytes
 from services.worker.lora import LoraWeights, open_loras
 from services.worker.lora_layers import LoraBatch, lora_context
-from services.worker.packed_linear import packed_linears_supported
+from services.worker.packed_linear import pack_linear_layers, packed_linears_supported
 from services.worker.paged_attention import PagedBatch, forward_context
 from services.worker.prefixes import covers_prefix, embed_with_prefixes, load_prefix, open_store
 from services.worker.sampling import (
@@ -195,8 +195,11 @@ class Engine:
         self.eager_forward = self.model.forward
         if pt2_compile_enabled(config.pt2_compile) and self.encoder_decoder:
             logger.warning("PT2_COMPILE is not applied to encoder-decoder models: they run eagerly")
+            pack_linear_layers(self.model, self.dtype, self.device)  # loaded unpacked, for a compile that won't come
         elif pt2_compile_enabled(config.pt2_compile):
             compile_model(self.model, freeze=packed_linears_supported(self.dtype, self.device))
+            # The output layer runs outside the compiled forward (`logits`): packed as in an eager model.
+            pack_linear_layers(self.model, self.dtype, self.device, names={"lm_head"})
             warm_up(self.model, self.cache, config.max_batch_size, min(WARM_UP_PREFILL, self.max_sequence_length - 1))
 
     def model_info(self) -> ModelInfo:

@@ -10,6 +10,7 @@ kernel is slower at one row, and its results would differ in the last bits.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -39,11 +40,14 @@ def packed_linears_supported(dtype: torch.dtype, device: torch.device) -> bool:
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def pack_linear_layers(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
-    """Replace the float `nn.Linear` layers of a bfloat16 CPU model by `PackedLinear`, in place; returns how many."""
+def pack_linear_layers(model: nn.Module, dtype: torch.dtype, device: torch.device,
+                       names: Collection[str] | None = None) -> int:
+    """Replace the float `nn.Linear` layers of a bfloat16 CPU model (those in `names` only, if given) by
+    `PackedLinear`, in place; returns how many."""
     if not packed_linears_supported(dtype, device):
         return 0
-    targets = [name for name, module in model.named_modules() if type(module) is nn.Linear]
+    targets = [name for name, module in model.named_modules()
+               if type(module) is nn.Linear and (names is None or name in names)]
     for name in targets:
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent)
