@@ -11,7 +11,7 @@ ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def make_adapter(model_path: Path, folder: Path, *, seed: int, targets: tuple[str, ...] = ALL_TARGETS, r: int = 8,
-                 alpha: int = 16, **options) -> Path:
+                 alpha: int = 16, safetensors: bool = True, **options) -> Path:
     """save_pretrained a LoRA adapter of `model_path` with random non-zero A and B (PEFT's default B is zero, which
     would make the adapter a no-op), and B scaled up so it changes greedy choices."""
     from peft import LoraConfig, get_peft_model
@@ -24,7 +24,7 @@ def make_adapter(model_path: Path, folder: Path, *, seed: int, targets: tuple[st
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.mul_(4.0)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, safe_serialization=safetensors)  # False: adapter_model.bin
     return folder
 
 

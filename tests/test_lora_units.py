@@ -142,6 +142,11 @@ def test_gateway_lookup_checks_once_and_refuses_with_the_message(tmp_path):
     off = ModelInfo("m", "/m", False, 10, 0, 0, 64, 16, 1, 1, "cpu", "float32")  # workers without ADAPTER_CACHE
     with pytest.raises(ValidationError, match="no adapter store was configured"):
         asyncio.run(lookup.check("ok", off))
+    # Workers with ADAPTER_CACHE on a model that takes no adapters: refused whatever the weights file.
+    (_adapter(tmp_path, "bin") / "adapter_model.safetensors").rename(tmp_path / "bin" / "adapter_model.bin")
+    unsupported = ModelInfo("m", "/m", False, 10, 0, 0, 64, 16, 1, 1, "cpu", "float32", max_loras=2)
+    with pytest.raises(ValidationError, match="^can't load adapter with id 'bin': this model does not serve LoRA"):
+        asyncio.run(lookup.check("bin", unsupported))
 
 
 def _request(rid: str, adapter: str, ids: list[int]) -> GenerateRequest:

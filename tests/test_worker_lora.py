@@ -25,6 +25,7 @@ NEW = 6
 def cache(tiny_model_path, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("adapters")
     make_adapter(tiny_model_path, root / "a", seed=1)
+    make_adapter(tiny_model_path, root / "a-bin", seed=1, safetensors=False)  # the same adapter as a .bin
     make_adapter(tiny_model_path, root / "team" / "b", seed=2, targets=("q_proj", "v_proj", "down_proj"), r=4,
                  alpha_pattern={"v_proj": 4})
     return root
@@ -63,6 +64,11 @@ def test_adapters_and_no_adapter_in_one_batch_each_equal_peft(local, expected):
     for a in ("a", "team/b", ""):
         for p in PROMPTS:
             assert got[f"{a or 'none'}-{p}"] == expected[(a, p)], (a, p)
+
+
+def test_a_bin_adapter_loads_as_its_safetensors_twin(local, cache, expected):
+    assert (cache / "a-bin" / "adapter_model.bin").exists()
+    assert _generate(local, [("bin", "a-bin", PROMPTS["p2"])])["bin"] == expected[("a", "p2")]
 
 
 def test_kv_blocks_are_never_shared_across_adapters(local, expected):

@@ -36,7 +36,9 @@ REMEMBERED = 1024  # checked adapter ids kept (least recently used dropped first
 def check_adapter(root: str, adapter_id: str, model: ModelInfo) -> None:
     """AdapterError unless `adapter_id` names a LoRA adapter in `root` that fits `model` (blocking: files)."""
     files = find_adapter(root, adapter_id)
-    if files.weights.suffix == ".safetensors":
+    if not model.lora_modules:  # whatever the adapter: this model takes none
+        check_fit(adapter_id, {}, model.lora_modules)
+    if files.weights.suffix == ".safetensors":  # a .bin adapter is checked by the workers when they load it
         try:
             shapes = safetensors_shapes(files.weights)
         except (OSError, ValueError, KeyError) as exc:
