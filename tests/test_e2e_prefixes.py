@@ -109,3 +109,14 @@ def test_prefix_length_counts_against_the_sequence_limit(pipeline):
     with pytest.raises(grpc.RpcError) as error:
         pipeline.stub.Generate(_request("soft", text=text))
     assert error.value.details().endswith("plus prefix length (4) must be < 256")
+
+
+def test_tokenize_takes_a_prompt_prefix_id_and_refuses_an_unknown_one(pipeline):
+    """Tokenize's prefix_id (a vLLM TGIS adapter field): one of our prefixes counts nothing; another id is refused."""
+    def tokenize(prefix_id: str | None):
+        return pipeline.stub.Tokenize(pb.BatchedTokenizeRequest(prefix_id=prefix_id,
+                                                                requests=[pb.TokenizeRequest(text=PROMPT)]))
+    assert tokenize("soft") == tokenize(None)
+    with pytest.raises(grpc.RpcError) as error:
+        tokenize("missing")
+    assert error.value.details() == "can't retrieve prompt prefix with id 'missing': prefix id \"missing\" not found"

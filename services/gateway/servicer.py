@@ -368,17 +368,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return pb.BatchedTokenizeResponse(responses=responses)
 
     async def _check_tokenize_ids(self, request: pb.BatchedTokenizeRequest) -> None:
-        """adapter_id must name a servable LoRA adapter; prefix_id (which the adapter reads as an adapter id when
-        adapter_id is unset) a prompt prefix here, or else a LoRA adapter as there."""
+        """adapter_id must name a servable LoRA adapter; so must prefix_id when adapter_id is unset, as the adapter
+        reads it, unless it names one of our prompt prefixes (then a failure is told in TGIS's prefix words)."""
         if request.adapter_id:
             await self.adapters.check(request.adapter_id, self.model)
         elif request.prefix_id:
             try:
-                await self.prefixes.length(request.prefix_id)
-            except ValidationError:
-                if not (self.adapters.root and self.model.max_loras):
-                    raise
                 await self.adapters.check(request.prefix_id, self.model)
+            except ValidationError:
+                if self.prefixes.store is None:
+                    raise
+                await self.prefixes.length(request.prefix_id)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:
         model = self.model
