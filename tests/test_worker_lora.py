@@ -99,9 +99,14 @@ def test_one_adapter_loaded_at_a_time_evicts_and_reloads(tiny_model_path, cache,
 def test_a_misfit_or_missing_adapter_fails_its_sequence_alone(local, tmp_path, demo_model_path):
     other = build_tiny_llama(tmp_path / "wide", demo_model_path, hidden_size=96, num_attention_heads=4)
     make_adapter(other, Path(local.engine.loras.root) / "wide", seed=5, targets=("q_proj",))
+    deeper = build_tiny_llama(tmp_path / "deep", demo_model_path, num_hidden_layers=3)
+    make_adapter(deeper, Path(local.engine.loras.root) / "deep", seed=6, targets=("q_proj",))
     step = Step(1, [NewSequence("w", token_ids([1, 2, 3]), LogitsParams(), adapter_id="wide"),
+                    NewSequence("d", token_ids([1, 2, 3]), LogitsParams(), adapter_id="deep"),
                     NewSequence("m", token_ids([1, 2, 3]), LogitsParams(), adapter_id="missing")], [], [])
     result = local.engine.step(step)
+    assert result.failed["d"] == ("can't load adapter with id 'deep': model.layers.2.self_attn.q_proj is not a layer "
+                                  "of this model")
     assert "q_proj: lora_A [8, 96] and lora_B [96, 8] do not fit the model's layer (64 in, 64 out)" in result.failed["w"]
     assert result.failed["m"] == "can't retrieve adapter with id 'missing': directory does not exist"
 

@@ -113,6 +113,9 @@ def load_adapter(files: AdapterFiles, plan: LoraPlan, dtype: torch.dtype, device
     for key, tensor in state.items():
         module, half = LORA_KEY.fullmatch(key.removeprefix(PEFT_PREFIX)).groups()
         halves[module, half] = tensor.float()
+    targets = {module for parts in plan.layers.values() for module, _, _ in parts}
+    if stray := sorted({module for module, _ in halves} - targets):  # e.g. a layer this model does not have
+        raise AdapterError(f"can't load adapter with id '{files.adapter_id}': {stray[0]} is not a layer of this model")
     weights = LoraWeights(files.adapter_id)
     for name, parts in plan.layers.items():
         present = [(module, halves.get((module, "A")), halves.get((module, "B"))) for module, _, _ in parts]
@@ -162,7 +165,9 @@ class LoraCache:
         try:
             weights = load_adapter(find_adapter(self.root, adapter_id), self.plan, self.dtype, self.device,
                                    self.rank, self.world_size)
-        except (OSError, RuntimeError, KeyError) as exc:  # unreadable files, torch/PEFT refusing them
+        except AdapterError:
+            raise
+        except Exception as exc:  # unreadable files, torch or PEFT refusing them: the request fails, not the step
             raise AdapterError(f"can't load adapter with id '{adapter_id}': {exc}") from exc
         self._loaded[adapter_id] = weights
         self.loads += 1
