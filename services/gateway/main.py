@@ -23,6 +23,7 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import links
+from services.common.gc_freeze import freeze_start_up_objects
 from services.common.logs import setup_logging
 from services.gateway.adapters import AdapterLookup
 from services.gateway.config import GatewayConfig
@@ -123,6 +124,7 @@ class Gateway:
         # The probe's generation is not a client request: it is not counted in the metrics.
         self.health.probe_servicer = quiet_copy(self.servicer)
         self.health_servicer.checker = self.health
+        freeze_start_up_objects()
         metrics = self.metrics
         self.scheduler.on_step = metrics.record_step
         self.scheduler.on_failed = metrics.record_step_failure

@@ -20,6 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from services.common import links
 from services.common.codec import ProtocolError
+from services.common.gc_freeze import freeze_start_up_objects
 from services.common.health import Health, serve_health
 from services.common.logs import setup_logging
 from services.common.protocol import (
@@ -305,6 +306,7 @@ class SchedulerProcess:
         log.info("scheduler up: gateways on %s, steps on %s, results on %s; waiting for %d worker rank(s)",
                  self.config.gateway_endpoint, self.config.step_endpoint, self.config.result_endpoint,
                  self.config.num_shard)
+        freeze_start_up_objects()
         self.health.ready()
         while not self.stopping:
             self.health.turn()

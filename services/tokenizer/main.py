@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 
 from services.common import discovery, links
 from services.common.codec import ProtocolError, decode, encode
+from services.common.gc_freeze import freeze_start_up_objects
 from services.common.health import Health, serve_health
 from services.common.logs import setup_logging
 from services.common.model_path import resolve_model_path
@@ -198,6 +199,7 @@ def serve(config: TokenizerConfig, name: str, service: TokenizerService, stopper
     resolver = Resolver(config.gateway_endpoint, links.settings().discovery_interval)
     resolver.start()
     next_heartbeat = time.monotonic() + config.heartbeat_interval
+    freeze_start_up_objects()
     health.ready()
     try:
         while not stopper.stopping:

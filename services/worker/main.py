@@ -21,6 +21,7 @@ import torch
 import zmq
 
 from services.common.codec import ProtocolError
+from services.common.gc_freeze import freeze_start_up_objects
 from services.common.health import Health, serve_health
 from services.common.links import parse_with_links
 from services.common.logs import setup_logging
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                     info.max_sequence_length, info.max_batch_size)
         send(results, WorkerReady(rank=config.rank, model=info, num_blocks=engine.cache.num_blocks,
                                   block_size=engine.cache.block_size))
+        freeze_start_up_objects()
         health.ready()
         serve(config, engine, steps, results, health)
         return 0
