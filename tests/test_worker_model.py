@@ -12,8 +12,9 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from services.worker.checkpoint import load_model
 from services.worker.config import WorkerConfig
-from services.worker.engine import Engine, model_max_length, resolve_dtype
+from services.worker.engine import Engine
 from services.worker.kv_cache import PagedKVCache
+from services.worker.model_config import model_max_length, resolve_dtype
 from services.worker.models.layers import rope_inv_freq
 from services.worker.paged_attention import PagedBatch, forward_context
 from tests.conftest import build_tiny_llama

@@ -13,18 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from services.common.lora_adapters import AdapterError
 from services.common.model_path import resolve_model_path
-from services.common.prompt_prefixes import Prefix
 from services.common.protocol import (
-    LogitsParams,
     ModelInfo,
     NewSequence,
     ScheduledChunk,
@@ -35,10 +30,11 @@ from services.common.protocol import (
 from services.worker.checkpoint import load_model
 from services.worker.compile import compile_model, pt2_compile_enabled, warm_up
 from services.worker.config import WorkerConfig
-from services.worker.guided import Guide, Guides, allow_eos_where_stuck, mask_guided
+from services.worker.guided import Guides, allow_eos_where_stuck, mask_guided
 from services.worker.kv_cache import PagedKVCache, budget_bytes
 from services.worker.lora import LoraWeights, open_loras
 from services.worker.lora_layers import LoraBatch, lora_context
+from services.worker.model_config import model_max_length, resolve_device, resolve_dtype, special_token_ids
 from services.worker.packed_linear import pack_linear_layers, packed_linears_supported
 from services.worker.paged_attention import PagedBatch, forward_context
 from services.worker.prefixes import covers_prefix, embed_with_prefixes, load_prefix, open_store
@@ -53,86 +49,11 @@ from services.worker.sampling import (
     token_detail,
 )
 from services.worker.seq2seq import run_encoder_decoder
+from services.worker.sequence import Planned, Sequence, StepError
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-MAX_LENGTH_KEYS = (
-    "max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
-    "max_sequence_length", "max_seq_length", "seq_len",
-)
-DEFAULT_MAX_SEQUENCE_LENGTH = 2048
 WARM_UP_PREFILL = 512  # tokens of the prefill chunk in the PT2 warm-up (any length > 1 shares its compiled graph)
-
-
-def resolve_device(name: str, rank: int = 0) -> torch.device:
-    """'auto' is this rank's local GPU when there is one, else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """The weights dtype: `name` if given, else float16 on GPUs and float32 elsewhere."""
-    if name is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"Unrecognized data type: {name}")
-    return DTYPES[name]
-
-
-def model_max_length(model_config: dict) -> int:
-    """The context length a config.json declares (under one of its many names), else 2048."""
-    for key in MAX_LENGTH_KEYS:
-        if isinstance(model_config.get(key), int):
-            return model_config[key]
-    return DEFAULT_MAX_SEQUENCE_LENGTH
-
-
-def _first(value: int | list[int] | None) -> int | None:
-    return value[0] if isinstance(value, list) else value
-
-
-class StepError(ValueError):
-    """One sequence of a step cannot run; it fails alone."""
-
-
-@dataclass
-class Sequence:
-    """A sequence's state on the worker: its tokens (prompt then generated), how many are in its KV blocks."""
-
-    request_id: str
-    params: LogitsParams
-    generator: torch.Generator | None
-    tokens: list[int]
-    prompt_length: int
-    computed: int = 0
-    generated: int = 0
-    seen: torch.Tensor | None = None  # [vocab] ids in prompt and output, kept only for the repetition penalty
-    details_sent: bool = field(default=False)
-    prefix: Prefix | None = None  # prompt prefix, its embeddings replacing those of the first prompt positions
-    cross: list | None = None  # encoder-decoder models: the encoder output's cross-attention K/V (seq2seq.py)
-    guide: Guide | None = None  # guided decoding: the constraint's matcher, advanced with each token (guided.py)
-    lora: LoraWeights | None = None  # its LoRA adapter (held here, so evicting it from the cache cannot drop it)
-
-
-@dataclass
-class Planned:
-    """A validated chunk of this step."""
-
-    sequence: Sequence
-    chunk: ScheduledChunk
-
-    @property
-    def samples(self) -> bool:
-        return self.chunk.start + self.chunk.count == len(self.sequence.tokens)
-
-    @property
-    def wants_input_details(self) -> bool:
-        return self.samples and self.sequence.params.input_details and not self.sequence.details_sent
 
 
 class Engine:
@@ -153,11 +74,7 @@ class Engine:
         if self.max_new_tokens < config.max_new_tokens:
             logger.warning("max_new_tokens lowered from %d to %d to fit max_sequence_length %d",
                            config.max_new_tokens, self.max_new_tokens, self.max_sequence_length)
-        self.eos_id = _first(model_config.get("eos_token_id"))
-        if self.eos_id is None:
-            self.eos_id = _tokenizer_eos(self.model_path)
-        pad_id = _first(model_config.get("pad_token_id"))
-        self.pad_id = self.eos_id if pad_id is None else pad_id
+        self.eos_id, self.pad_id = special_token_ids(model_config, self.model_path)
 
         logger.info("Loading %s from %s (%s on %s, rank %d of %d)", config.model_name, self.model_path,
                     str(self.dtype).removeprefix("torch."), self.device, config.rank, config.world_size)
@@ -379,11 +296,3 @@ class Engine:
             outputs.append(SequenceOutput(seq.request_id, token_detail(seq.params, scores[i], token), details))
         return outputs
 
-
-def _tokenizer_eos(model_path: Path) -> int:
-    from transformers import AutoTokenizer
-
-    eos = AutoTokenizer.from_pretrained(model_path).eos_token_id
-    if eos is None:
-        raise ValueError(f"no eos_token_id in {model_path}/config.json nor in its tokenizer")
-    return eos

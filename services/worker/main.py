@@ -28,7 +28,8 @@ from services.common.logs import setup_logging
 from services.common.protocol import Heartbeat, Shutdown, Step, StepFailed, Welcome, WorkerHello, WorkerReady
 from services.common.zmq_io import make_socket, recv, send
 from services.worker.config import WorkerConfig
-from services.worker.engine import Engine, resolve_device
+from services.worker.engine import Engine
+from services.worker.model_config import resolve_device
 
 logger = logging.getLogger(__name__)
 

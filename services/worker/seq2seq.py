@@ -36,7 +36,8 @@ from services.common.protocol import SequenceOutput, TokenDetail
 from services.worker.paged_attention import PagedBatch, forward_context
 
 if TYPE_CHECKING:
-    from services.worker.engine import Engine, Planned
+    from services.worker.engine import Engine
+    from services.worker.sequence import Planned
 
 
 def run_encoder_decoder(engine: Engine, planned: list[Planned]) -> list[SequenceOutput]:
