@@ -33,16 +33,18 @@ PARAMS = [
 ]
 
 
+@pytest.mark.parametrize("positional", [False, True], ids=["causal", "alibi-window"])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_paged_attention_equals_dense_attention(block_size):
-    """Ragged decodes and chunks (from 0 and mid-sequence) in scattered blocks match dense causal attention."""
+def test_paged_attention_equals_dense_attention(block_size, positional):
+    """Ragged decodes and chunks (from 0 and mid-sequence) in scattered blocks match dense causal attention (and
+    with ALiBi biases and a sliding window)."""
     gen = torch.Generator().manual_seed(block_size)
-    heads, kv_heads, dim, num_blocks = 4, 2, 8, 256
+    heads, kv_heads, dim, num_blocks = 4, 2, 8, 512
     k_cache = torch.zeros(num_blocks, block_size, kv_heads, dim)
     v_cache = torch.zeros_like(k_cache)
-    # (total length, start of this pass's tokens): three decodes, then chunks from 0 and from the middle.
-    layout = [(9, 8), (1 + block_size, block_size), (23, 22), (7, 0), (30, 12), (5, 4 if block_size > 1 else 0)]
-    layout[-1] = (5, 0)
+    # (total length, start of this pass's tokens): four decodes, one of them long (its own decode group), then
+    # chunks from 0 and from the middle.
+    layout = [(9, 8), (300, 299), (1 + block_size, block_size), (23, 22), (7, 0), (30, 12), (5, 0)]
     free = torch.randperm(num_blocks, generator=gen).tolist()
     tables = [[free.pop() for _ in range(-(-length // block_size))] for length, _ in layout]
     full_k = [torch.randn(length, kv_heads, dim, generator=gen) for length, _ in layout]
@@ -53,12 +55,18 @@ def test_paged_attention_equals_dense_attention(block_size):
             k_cache[table[p // block_size], p % block_size] = k[p]
             v_cache[table[p // block_size], p % block_size] = v[p]
     batch = PagedBatch.build(block_size, tables, [s for _, s in layout], [n - s for n, s in layout], CPU)
-    assert batch.num_decode == 3
+    assert batch.num_decode == 4 and len(batch.decode_groups) == (3 if block_size == 1 else 2)
+    slopes, window = (torch.tensor([0.5, 0.25, 0.125, 0.0625]), 6) if positional else (None, None)
     out = paged_attention(torch.cat(queries), torch.cat([k[s:] for k, (_, s) in zip(full_k, layout, strict=True)]),
-                          torch.cat([v[s:] for v, (_, s) in zip(full_v, layout, strict=True)]), k_cache, v_cache, batch)
+                          torch.cat([v[s:] for v, (_, s) in zip(full_v, layout, strict=True)]), k_cache, v_cache, batch,
+                          alibi_slopes=slopes, sliding_window=window)
     row = 0
     for (length, start), q, k, v in zip(layout, queries, full_k, full_v, strict=True):
-        mask = torch.arange(length)[None] <= torch.arange(start, length)[:, None]
+        keys, queried = torch.arange(length)[None], torch.arange(start, length)[:, None]
+        mask = keys <= queried
+        if positional:
+            mask = torch.zeros(mask.shape).masked_fill(~(mask & (keys > queried - window)), float("-inf"))
+            mask = mask + slopes[:, None, None] * (keys - queried)
         want = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                               attn_mask=mask, enable_gqa=True).transpose(0, 1)
         torch.testing.assert_close(out[row: row + length - start], want, atol=1e-5, rtol=0)

@@ -6,8 +6,9 @@ lists, position p living in block `table[p // block_size]` at offset
 `p % block_size`.  A forward pass packs all of a step's tokens along one
 axis: first one token per decoding sequence, then the prefill chunks.  Per
 layer, every token's K/V is written into its slot first, then queries attend:
-decode tokens in one batched call over their gathered blocks (padded to the
-longest table, masked by length), each prefill chunk on its own, over its
+decode tokens in batched calls over their gathered blocks (one call per group
+of similar table lengths, padded to the group's longest table and masked by
+length), each prefill chunk on its own, over its
 own K/V when it starts the sequence (plain causal attention), else over its
 gathered blocks with a causal mask shifted by the chunk's start.
 
@@ -31,6 +32,8 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from services.worker.kv_cache import PagedKVCache
 
+MIN_GROUP_BLOCKS = 8  # decodes whose tables are all shorter than this share one group, whatever their lengths
+
 
 @dataclass
 class PrefillChunk:
@@ -43,23 +46,57 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Decoding sequences attended in one call, their block tables padded to the group's longest."""
+
+    rows: torch.Tensor | None  # [g] their packed rows (None: rows 0 .. g - 1, every decode of the pass)
+    blocks: torch.Tensor  # [g, max_blocks] block tables (padded with each row's first block)
+    mask: torch.Tensor  # [g, 1, 1, max_blocks * block_size], True where a key exists
+    _bias: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """`mask` as an additive mask (0 / -inf) in `dtype`, made once per pass: SDPA is about twice as fast
+        on CPU with a float mask than with a boolean one, which it would convert in every layer."""
+        if self._bias is None or self._bias.dtype != dtype:
+            zeros = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            self._bias = zeros.masked_fill_(~self.mask, float("-inf"))
+        return self._bias
+
+    @classmethod
+    def build(cls, rows: list[int] | None, tables: list[list[int]], lengths: list[int], block_size: int,
+              device: torch.device) -> DecodeGroup:
+        width = max(len(t) for t in tables)
+        blocks = torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], device=device)
+        keys = torch.arange(width * block_size, device=device)
+        mask = (keys[None] < torch.tensor(lengths, device=device)[:, None])[:, None, None]
+        return cls(None if rows is None else torch.tensor(rows, device=device), blocks, mask)
+
+
+def _decode_groups(tables: list[list[int]], lengths: list[int], block_size: int,
+                   device: torch.device) -> list[DecodeGroup]:
+    """The pass's decodes in groups of similar table lengths (within 2x, or all under MIN_GROUP_BLOCKS blocks).
+
+    Why not one group: padding every table to the longest makes each decode read the longest
+    sequence's worth of (masked) keys; 16 short streams beside one 2,000-token sequence took
+    240-640 ms a float32 step instead of ~75.
+    """
+    groups: dict[int, list[int]] = {}
+    for row, table in enumerate(tables):
+        groups.setdefault(max(len(table), MIN_GROUP_BLOCKS).bit_length(), []).append(row)
+    if len(groups) == 1:
+        return [DecodeGroup.build(None, tables, lengths, block_size, device)]
+    return [DecodeGroup.build(rows, [tables[r] for r in rows], [lengths[r] for r in rows], block_size, device)
+            for rows in groups.values()]
+
+
+@dataclass
 class PagedBatch:
     """What every layer of one forward pass shares about where tokens go and what they attend to."""
 
     slots: torch.Tensor  # [T] flat cache slot (block * block_size + offset) of each packed token
     num_decode: int  # the first num_decode packed tokens are one decoding token per sequence
-    decode_blocks: torch.Tensor | None  # [B, max_blocks] block tables (padded with each row's first block)
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size], True where a key exists
+    decode_groups: list[DecodeGroup]
     chunks: list[PrefillChunk]
-    _decode_bias: torch.Tensor | None = field(default=None, init=False, repr=False)
-
-    def decode_bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """`decode_mask` as an additive mask (0 / -inf) in `dtype`, made once per pass: SDPA is about twice as
-        fast on CPU with a float mask than with a boolean one, which it would convert in every layer."""
-        if self._decode_bias is None or self._decode_bias.dtype != dtype:
-            zeros = torch.zeros(self.decode_mask.shape, dtype=dtype, device=self.decode_mask.device)
-            self._decode_bias = zeros.masked_fill_(~self.decode_mask, float("-inf"))
-        return self._decode_bias
 
     @classmethod
     def build(cls, block_size: int, tables: list[list[int]], starts: list[int], counts: list[int],
@@ -76,13 +113,8 @@ class PagedBatch:
             else:
                 chunks.append(PrefillChunk(row, count, start, torch.tensor(blocks, device=device)))
             row += count
-        decode_blocks = decode_mask = None
-        if decode_tables:
-            width = max(len(t) for t in decode_tables)
-            decode_blocks = torch.tensor([t + [t[0]] * (width - len(t)) for t in decode_tables], device=device)
-            keys = torch.arange(width * block_size, device=device)
-            decode_mask = (keys[None] < torch.tensor(decode_lengths, device=device)[:, None])[:, None, None]
-        return cls(torch.tensor(slots, device=device), len(decode_tables), decode_blocks, decode_mask, chunks)
+        groups = _decode_groups(decode_tables, decode_lengths, block_size, device) if decode_tables else []
+        return cls(torch.tensor(slots, device=device), len(decode_tables), groups, chunks)
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -105,6 +137,33 @@ def _position_mask(slopes: torch.Tensor | None, table: torch.Tensor | None, quer
     return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
 
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
+            alibi_slopes: torch.Tensor | None, position_bias: torch.Tensor | None,
+            sliding_window: int | None) -> torch.Tensor:
+    """Attention output [g, heads, d] of one decode group's queries (rows of q) over their gathered blocks."""
+    g = group.blocks.shape[0]
+    keys, values = _gather(k_cache, group.blocks), _gather(v_cache, group.blocks)
+    if alibi_slopes is None and position_bias is None and not sliding_window:
+        mask = group.bias(q.dtype)
+    else:  # each decode's query sits at its last key
+        mask = group.mask
+        key_pos = torch.arange(mask.shape[-1], device=q.device)
+        last = mask.sum(-1, keepdim=True) - 1  # [g, 1, 1, 1] query positions
+        if sliding_window:
+            mask = mask & (key_pos > last - sliding_window)
+        if alibi_slopes is not None or position_bias is not None:
+            mask = _position_mask(alibi_slopes, position_bias, last[:, 0, 0], key_pos, mask, q.dtype)
+    # A KV head's query heads as its queries ([g, kv_heads, group, d]): one SDPA tile per KV head instead of
+    # enable_gqa's one per query head (demo model, 32 decodes: 0.41 instead of 0.46 ms a layer on CPU, and
+    # 41 instead of 48 us for one). Per-head masks (ALiBi, T5) group the same way.
+    kv_heads = k_cache.shape[2]
+    queries = q[:g] if group.rows is None else q.index_select(0, group.rows)
+    queries = queries.reshape(g, kv_heads, -1, q.shape[-1])
+    if mask.shape[1] > 1:
+        mask = mask.view(g, kv_heads, -1, mask.shape[-1])
+    return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask).view(g, -1, q.shape[-1])
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, batch: PagedBatch, alibi_slopes: torch.Tensor | None = None,
                     position_bias: torch.Tensor | None = None, sliding_window: int | None = None) -> torch.Tensor:
@@ -122,26 +181,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, batch.slots, v)
     decoded = None
     if batch.num_decode:
-        b = batch.num_decode
-        keys, values = _gather(k_cache, batch.decode_blocks), _gather(v_cache, batch.decode_blocks)
-        if not positional and not sliding_window:
-            mask = batch.decode_bias(q.dtype)
-        else:  # each decode's query sits at its last key
-            mask = batch.decode_mask
-            key_pos = torch.arange(mask.shape[-1], device=q.device)
-            last = mask.sum(-1, keepdim=True) - 1  # [B, 1, 1, 1] query positions
-            if sliding_window:
-                mask = mask & (key_pos > last - sliding_window)
-            if positional:
-                mask = _position_mask(alibi_slopes, position_bias, last[:, 0, 0], key_pos, mask, q.dtype)
-        # A KV head's query heads as its queries ([B, kv_heads, group, d]): one SDPA tile per KV head instead of
-        # enable_gqa's one per query head (demo model, 32 decodes: 0.41 instead of 0.46 ms a layer on CPU, and
-        # 41 instead of 48 us for one). Per-head masks (ALiBi, T5) group the same way.
-        kv_heads = k_cache.shape[2]
-        grouped = q[:b].reshape(b, kv_heads, -1, q.shape[-1])
-        if mask.shape[1] > 1:
-            mask = mask.view(b, kv_heads, -1, mask.shape[-1])
-        decoded = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask).view(b, -1, q.shape[-1])
+        groups = batch.decode_groups
+        decoded = _decode(q, k_cache, v_cache, groups[0], alibi_slopes, position_bias, sliding_window)
+        if len(groups) > 1:
+            parts, decoded = decoded, q.new_empty(batch.num_decode, *q.shape[1:])
+            decoded.index_copy_(0, groups[0].rows, parts)
+            for group in groups[1:]:
+                decoded.index_copy_(0, group.rows, _decode(q, k_cache, v_cache, group, alibi_slopes, position_bias,
+                                                           sliding_window))
         if not batch.chunks:  # a decode-only step (the common case): no output to assemble
             return decoded
     out = q.new_empty(q.shape)  # contiguous, as the fake op below promises the compiler
