@@ -100,7 +100,7 @@ def _qkv(parts: list[torch.Tensor], args: DecoderArgs, rank: int, world_size: in
                       _rank_heads(v, kv, d, rank, world_size)])
 
 
-def _shard(param: str, parts: list[torch.Tensor], args: DecoderArgs, rank: int, world_size: int) -> torch.Tensor:
+def shard_tensor(param: str, parts: list[torch.Tensor], args: DecoderArgs, rank: int, world_size: int) -> torch.Tensor:
     """This rank's part of the full checkpoint tensor(s) behind `param`, by the parameter's role."""
     if param.endswith(("attn.qkv_proj.weight", "attn.qkv_proj.bias")):
         return _qkv(parts, args, rank, world_size)
@@ -167,7 +167,7 @@ def _load_native(folder: Path, config: dict, dtype: torch.dtype, device: torch.d
         parts = [read(source) for source in checkpoint_sources(name, modules)]
         if transposed and name.startswith("model.layers.") and parts[0].dim() == 2:
             parts = [part.t() for part in parts]
-        _copy(name, param, _shard(name, parts, args, rank, world_size))
+        _copy(name, param, shard_tensor(name, parts, args, rank, world_size))
     return model
 
 

@@ -5,7 +5,7 @@ gate/up into `mlp.up_proj`), so a fused layer's adapter is the concatenation
 of its parts': A stacked [r_q + r_k + r_v, in], B block-diagonal (each
 part's B, times its scale, in its own rows and rank columns; a part the
 adapter does not target is zeros).  Tensor parallelism splits them as the
-base layer is split, through the checkpoint loader's own `_shard`:
+base layer is split, through the checkpoint loader's own `shard_tensor`:
 column-parallel layers (QKV by heads, gate/up by rows) split B by output
 rows and keep A whole; row-parallel ones (o, down) split A by input columns
 and keep B whole, and the all-reduce after the base layer sums the partial
@@ -37,7 +37,7 @@ from services.common.lora_adapters import (
     check_fit,
     find_adapter,
 )
-from services.worker.checkpoint import _shard
+from services.worker.checkpoint import shard_tensor
 from services.worker.lora_layers import LoraWeights, wrap_linears
 from services.worker.models.decoder import DecoderLM
 from services.worker.models.layers import DecoderArgs
@@ -46,7 +46,7 @@ from services.worker.models.registry import MODEL_TYPES, family
 logger = logging.getLogger(__name__)
 
 LORA_FAMILIES = ("llama",)  # family modules whose layers LoRA is tested on (llama, mistral, qwen2)
-ROW_PARALLEL = ("attn.o_proj", "mlp.down_proj")  # split by input columns, all-reduced after (checkpoint._shard)
+ROW_PARALLEL = ("attn.o_proj", "mlp.down_proj")  # split by input columns, all-reduced after (checkpoint.shard_tensor)
 NOT_SERVED = ("LoRA adapters are served on tgis_native {} models only"
               .format(", ".join(t for t, f in MODEL_TYPES.items() if f in LORA_FAMILIES)))
 
@@ -132,9 +132,9 @@ def load_adapter(files: AdapterFiles, plan: LoraPlan, dtype: torch.dtype, device
             b_parts.append(block)
             offset += r
         if name.endswith(ROW_PARALLEL):
-            a_rank, b_rank = _shard(name + ".weight", [a_full], plan.args, rank, world_size), b_parts[0]
+            a_rank, b_rank = shard_tensor(name + ".weight", [a_full], plan.args, rank, world_size), b_parts[0]
         else:
-            a_rank, b_rank = a_full, _shard(name + ".weight", b_parts, plan.args, rank, world_size)
+            a_rank, b_rank = a_full, shard_tensor(name + ".weight", b_parts, plan.args, rank, world_size)
         weights.layers[name] = (a_rank.t().to(device, dtype).contiguous(), b_rank.t().to(device, dtype).contiguous())
     return weights
 
