@@ -78,10 +78,11 @@ class Engine:
 
         logger.info("Loading %s from %s (%s on %s, rank %d of %d)", config.model_name, self.model_path,
                     str(self.dtype).removeprefix("torch."), self.device, config.rank, config.world_size)
+        # Decided before loading: a compiled model's linear layers are packed inside its graph, not at load.
+        compiled = pt2_compile_enabled(config.pt2_compile) and not model_config.get("is_encoder_decoder", False)
         self.model = load_model(self.model_path, self.dtype, self.device, config.rank, config.world_size,
                                 quantize=config.quantize, group_size=config.quantize_group_size,
-                                framework=config.deployment_framework,
-                                pack_linears=not pt2_compile_enabled(config.pt2_compile))
+                                framework=config.deployment_framework, pack_linears=not compiled)
         args = self.model.args
         positions = getattr(self.model, "max_positions", None)
         if positions is not None and self.max_sequence_length > positions:
@@ -110,10 +111,9 @@ class Engine:
                                 self.device, config.rank, config.world_size)
         # Steps with LoRA rows run this eager forward: the compiled graph is traced without LoRA (compile.py).
         self.eager_forward = self.model.forward
-        if pt2_compile_enabled(config.pt2_compile) and self.encoder_decoder:
+        if pt2_compile_enabled(config.pt2_compile) and not compiled:
             logger.warning("PT2_COMPILE is not applied to encoder-decoder models: they run eagerly")
-            pack_linear_layers(self.model, self.dtype, self.device)  # loaded unpacked, for a compile that won't come
-        elif pt2_compile_enabled(config.pt2_compile):
+        elif compiled:
             compile_model(self.model, freeze=packed_linears_supported(self.dtype, self.device))
             # The output layer runs outside the compiled forward (`logits`): packed as in an eager model.
             pack_linear_layers(self.model, self.dtype, self.device, names={"lm_head"})

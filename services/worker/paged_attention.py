@@ -182,11 +182,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     decoded = None
     if batch.num_decode:
         groups = batch.decode_groups
-        decoded = _decode(q, k_cache, v_cache, groups[0], alibi_slopes, position_bias, sliding_window)
-        if len(groups) > 1:
-            parts, decoded = decoded, q.new_empty(batch.num_decode, *q.shape[1:])
-            decoded.index_copy_(0, groups[0].rows, parts)
-            for group in groups[1:]:
+        if len(groups) == 1:
+            decoded = _decode(q, k_cache, v_cache, groups[0], alibi_slopes, position_bias, sliding_window)
+        else:
+            decoded = q.new_empty(batch.num_decode, *q.shape[1:])
+            for group in groups:
                 decoded.index_copy_(0, group.rows, _decode(q, k_cache, v_cache, group, alibi_slopes, position_bias,
                                                            sliding_window))
         if not batch.chunks:  # a decode-only step (the common case): no output to assemble
