@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from services.common.protocol import LogitsParams, NewSequence, ScheduledChunk, Step, TokenDetail, token_ids
+from services.worker import cpu_attention
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 from services.worker.paged_attention import PagedBatch, paged_attention
@@ -33,11 +34,19 @@ PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("positional", [False, True], ids=["causal", "alibi-window"])
+@pytest.fixture(params=[False, True], ids=["torch-ops", "native"])
+def native_attention(request):
+    """Decode attention through torch ops, or the native CPU kernel (built here: the machine has g++)."""
+    assert cpu_attention.enable(request.param) == request.param
+    yield request.param
+    cpu_attention.enable(False)
+
+
+@pytest.mark.parametrize("positional", ["causal", "window", "alibi-window"])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_paged_attention_equals_dense_attention(block_size, positional):
+def test_paged_attention_equals_dense_attention(block_size, positional, native_attention):
     """Ragged decodes and chunks (from 0 and mid-sequence) in scattered blocks match dense causal attention (and
-    with ALiBi biases and a sliding window)."""
+    with a sliding window, and ALiBi biases)."""
     gen = torch.Generator().manual_seed(block_size)
     heads, kv_heads, dim, num_blocks = 4, 2, 8, 512
     k_cache = torch.zeros(num_blocks, block_size, kv_heads, dim)
@@ -56,7 +65,8 @@ def test_paged_attention_equals_dense_attention(block_size, positional):
             v_cache[table[p // block_size], p % block_size] = v[p]
     batch = PagedBatch.build(block_size, tables, [s for _, s in layout], [n - s for n, s in layout], CPU)
     assert batch.num_decode == 4 and len(batch.decode_groups) == (3 if block_size == 1 else 2)
-    slopes, window = (torch.tensor([0.5, 0.25, 0.125, 0.0625]), 6) if positional else (None, None)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625]) if positional == "alibi-window" else None
+    window = 6 if positional != "causal" else None
     out = paged_attention(torch.cat(queries), torch.cat([k[s:] for k, (_, s) in zip(full_k, layout, strict=True)]),
                           torch.cat([v[s:] for v, (_, s) in zip(full_v, layout, strict=True)]), k_cache, v_cache, batch,
                           alibi_slopes=slopes, sliding_window=window)
@@ -64,13 +74,42 @@ def test_paged_attention_equals_dense_attention(block_size, positional):
     for (length, start), q, k, v in zip(layout, queries, full_k, full_v, strict=True):
         keys, queried = torch.arange(length)[None], torch.arange(start, length)[:, None]
         mask = keys <= queried
-        if positional:
+        if window:
             mask = torch.zeros(mask.shape).masked_fill(~(mask & (keys > queried - window)), float("-inf"))
+        if slopes is not None:
             mask = mask + slopes[:, None, None] * (keys - queried)
         want = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                               attn_mask=mask, enable_gqa=True).transpose(0, 1)
         torch.testing.assert_close(out[row: row + length - start], want, atol=1e-5, rtol=0)
         row += length - start
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_native_decode_attention_in_bfloat16(window):
+    """bfloat16 decodes of ragged lengths through the native kernel match float32 attention over the same
+    bfloat16 K/V within bfloat16's rounding of the output."""
+    assert cpu_attention.enable(True)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        heads, kv_heads, dim, block_size = 9, 3, 64, 16
+        k_cache = torch.randn(64, block_size, kv_heads, dim, generator=gen).to(torch.bfloat16)
+        v_cache = torch.randn(64, block_size, kv_heads, dim, generator=gen).to(torch.bfloat16)
+        lengths = [1, 16, 17, 300, 45]  # keys per decode, the new one included
+        tables = [torch.randperm(64, generator=gen)[: -(-n // block_size)].tolist() for n in lengths]
+        q = torch.randn(len(lengths), heads, dim, generator=gen).to(torch.bfloat16)
+        last = [(t[(n - 1) // block_size], (n - 1) % block_size) for t, n in zip(tables, lengths, strict=True)]
+        k_new, v_new = torch.stack([k_cache[slot] for slot in last]), torch.stack([v_cache[slot] for slot in last])
+        batch = PagedBatch.build(block_size, tables, [n - 1 for n in lengths], [1] * len(lengths), CPU)
+        out = paged_attention(q, k_new, v_new, k_cache, v_cache, batch, sliding_window=window)
+        for i, (table, n) in enumerate(zip(tables, lengths, strict=True)):
+            keys = k_cache[table].flatten(0, 1)[:n].float().transpose(0, 1)
+            values = v_cache[table].flatten(0, 1)[:n].float().transpose(0, 1)
+            first = max(0, n - window) if window else 0
+            want = F.scaled_dot_product_attention(q[i, :, None].float(), keys[:, first:], values[:, first:],
+                                                  enable_gqa=True)[:, 0]
+            torch.testing.assert_close(out[i].float(), want, atol=1e-2, rtol=1e-2)
+    finally:
+        cpu_attention.enable(False)
 
 
 def _engine(path: Path, **overrides) -> Engine:

@@ -27,6 +27,7 @@ from services.common.protocol import (
     Step,
     StepResult,
 )
+from services.worker import cpu_attention
 from services.worker.checkpoint import load_model
 from services.worker.compile import compile_model, pt2_compile_enabled, warm_up
 from services.worker.config import WorkerConfig
@@ -89,6 +90,8 @@ class Engine:
             raise ValueError(f"max_sequence_length {self.max_sequence_length} exceeds the {positions} positions of "
                              f"{model_config.get('model_type')}'s learned position embeddings")
         self.vocab_size = args.vocab_size
+        native_attention = cpu_attention.enable(config.native_kernels and self.device.type == "cpu")
+        logger.info("Decode attention: %s", "native CPU kernel" if native_attention else "torch ops")
         budget = budget_bytes(config.kv_cache_memory, self.device)
         if getattr(self.model, "encoder_decoder", False) and getattr(self.model, "paged", True):
             # T5 keeps each sequence's cross-attention K/V beside the pool: encoder length x the pool's per-token size,

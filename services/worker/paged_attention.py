@@ -24,10 +24,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
+
+from services.worker import cpu_attention
 
 if TYPE_CHECKING:
     from services.worker.kv_cache import PagedKVCache
@@ -95,8 +98,11 @@ class PagedBatch:
 
     slots: torch.Tensor  # [T] flat cache slot (block * block_size + offset) of each packed token
     num_decode: int  # the first num_decode packed tokens are one decoding token per sequence
-    decode_groups: list[DecodeGroup]
     chunks: list[PrefillChunk]
+    block_size: int
+    device: torch.device
+    decode_tables: list[list[int]]  # each decode's blocks covering its keys
+    decode_lengths: list[int]  # each decode's keys (its position + 1)
 
     @classmethod
     def build(cls, block_size: int, tables: list[list[int]], starts: list[int], counts: list[int],
@@ -113,8 +119,24 @@ class PagedBatch:
             else:
                 chunks.append(PrefillChunk(row, count, start, torch.tensor(blocks, device=device)))
             row += count
-        groups = _decode_groups(decode_tables, decode_lengths, block_size, device) if decode_tables else []
-        return cls(torch.tensor(slots, device=device), len(decode_tables), groups, chunks)
+        return cls(torch.tensor(slots, device=device), len(decode_tables), chunks, block_size, device,
+                   decode_tables, decode_lengths)
+
+    @cached_property
+    def decode_groups(self) -> list[DecodeGroup]:
+        """The decodes in groups for the torch path (built on first use: the native kernel needs none)."""
+        if not self.decode_tables:
+            return []
+        return _decode_groups(self.decode_tables, self.decode_lengths, self.block_size, self.device)
+
+    @cached_property
+    def decode_table_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every decode's block table, padded to the longest, [num_decode, width], and key counts [num_decode]
+        (int64), for the native kernel."""
+        width = max(len(t) for t in self.decode_tables)
+        padded = [t + [t[0]] * (width - len(t)) for t in self.decode_tables]
+        return (torch.tensor(padded, dtype=torch.int64, device=self.device),
+                torch.tensor(self.decode_lengths, dtype=torch.int64, device=self.device))
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -179,21 +201,22 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     positional = alibi_slopes is not None or position_bias is not None
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, batch.slots, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, batch.slots, v)
-    decoded = None
-    if batch.num_decode:
+    # Contiguous, as the fake op below promises the compiler; decodes fill its first rows, chunks the rest.
+    out = q.new_empty(q.shape)
+    if batch.num_decode and cpu_attention.applies(q, k_cache, positional):
+        tables, lengths = batch.decode_table_tensors
+        cpu_attention.decode(q, k_cache, v_cache, tables, lengths, out, sliding_window)
+    elif batch.num_decode:
         groups = batch.decode_groups
         if len(groups) == 1:
             decoded = _decode(q, k_cache, v_cache, groups[0], alibi_slopes, position_bias, sliding_window)
+            if not batch.chunks:  # a decode-only step (the common case): no output to assemble
+                return decoded
+            out[:batch.num_decode] = decoded
         else:
-            decoded = q.new_empty(batch.num_decode, *q.shape[1:])
             for group in groups:
-                decoded.index_copy_(0, group.rows, _decode(q, k_cache, v_cache, group, alibi_slopes, position_bias,
-                                                           sliding_window))
-        if not batch.chunks:  # a decode-only step (the common case): no output to assemble
-            return decoded
-    out = q.new_empty(q.shape)  # contiguous, as the fake op below promises the compiler
-    if decoded is not None:
-        out[:batch.num_decode] = decoded
+                out.index_copy_(0, group.rows, _decode(q, k_cache, v_cache, group, alibi_slopes, position_bias,
+                                                       sliding_window))
     for chunk in batch.chunks:
         rows = slice(chunk.row, chunk.row + chunk.count)
         query = q[rows].transpose(0, 1)[None]
