@@ -65,6 +65,15 @@ LABEL org.opencontainers.image.title="tgis-pipeline" \
 
 COPY --from=build /opt/venv /opt/venv
 
+# g++: CPU workers compile their native decode-attention kernel for the node's CPU at start-up
+# (services/worker/native.py; -march=native, so it cannot be built into the image), and
+# PT2_COMPILE's inductor compiles its C++ kernels with it too. Without it both fall back.
+# Unpinned on purpose: the base image's digest fixes the Debian release, and with it g++.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
+
 # Non-root user; group 0 and group-writable folders so that OpenShift's arbitrary UIDs
 # (always in group 0) work too. /shared_model_storage is the HF cache mount point used by
 # compose and k8s: a new named volume copies this owner, so the download step can write it.
