@@ -58,6 +58,7 @@ class LauncherConfig:
     max_loras: int = knob(4, "MAX_LORAS", "LoRA adapters kept loaded per worker rank, and distinct adapters in the running batch")
     pt2_compile: str | None = knob(None, "PT2_COMPILE", "torch.compile the workers' forward pass: any value but false (start-up compiles for minutes)")
     guided_decoding_cache_size: int = knob(256, "GUIDED_DECODING_CACHE_SIZE", "guided decoding: distinct constraints (schemas, regexes, grammars) kept compiled per worker rank")
+    float32_prepack: str = knob("auto", "FLOAT32_PREPACK", "CPU float32: prepack linear weights for oneDNN: auto (when faster than torch's kernel, measured at load), true, or false (matmuls bit-identical to transformers')")
     native_kernels: bool = knob(True, "NATIVE_KERNELS", "CPU workers build and use the native decode-attention kernel (needs g++ or $CXX; without one they keep torch ops)")
     num_shard: int | None = knob(None, "NUM_SHARD", "worker ranks (tensor parallel degree)")
     max_concurrent_requests: int = knob(512, "MAX_CONCURRENT_REQUESTS", "inputs in flight before 'Model is overloaded'")
@@ -190,7 +191,7 @@ class Launcher:
             "DEPLOYMENT_FRAMEWORK": c.deployment_framework, "PREFIX_STORE_PATH": c.prefix_store_path,
             "PROMPT_CACHE_SIZE_MB": c.prompt_cache_size_mb, "MAX_PROMPT_PREFIX_LENGTH": c.max_prompt_prefix_length,
             "ADAPTER_CACHE": c.adapter_cache, "MAX_LORAS": c.max_loras,
-            "PT2_COMPILE": c.pt2_compile, "NATIVE_KERNELS": c.native_kernels, "GUIDED_DECODING_CACHE_SIZE": c.guided_decoding_cache_size,
+            "PT2_COMPILE": c.pt2_compile, "NATIVE_KERNELS": c.native_kernels, "FLOAT32_PREPACK": c.float32_prepack, "GUIDED_DECODING_CACHE_SIZE": c.guided_decoding_cache_size,
             "MAX_SEQUENCE_LENGTH": c.max_sequence_length, "MAX_NEW_TOKENS": c.max_new_tokens,
             "MAX_BATCH_SIZE": c.max_batch_size, "MAX_WAITING_TOKENS": c.max_waiting_tokens,
             "KV_CACHE_MEMORY": c.kv_cache_memory, "KV_BLOCK_SIZE": c.kv_block_size,

@@ -113,11 +113,13 @@ def shard_tensor(param: str, parts: list[torch.Tensor], args: DecoderArgs, rank:
 
 def load_model(folder: Path, dtype: torch.dtype, device: torch.device, rank: int = 0, world_size: int = 1,
                group=None, quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
-               framework: str | None = None, pack_linears: bool = True) -> torch.nn.Module:
+               framework: str | None = None, pack_linears: bool = True, float32_prepack: str = "auto"
+               ) -> torch.nn.Module:
     """The model of `folder` on the engine DEPLOYMENT_FRAMEWORK (`framework`) selects (`frameworks.py`): this
     rank's shard of a `tgis_native` model, or a transformers model on the paged cache; its linear layers then
-    quantized when `quantize` names a method (`quant.py`), and the float ones prepacked in bfloat16 on CPU
-    (`packed_linear.py`) unless `pack_linears` is False (a compiled model packs inside the graph instead)."""
+    quantized when `quantize` names a method (`quant.py`), and the float ones prepacked on CPU
+    (`packed_linear.py`: bfloat16, float32 by `float32_prepack`) unless `pack_linears` is False (a compiled model
+    packs inside the graph instead)."""
     config = json.loads((folder / "config.json").read_text())
     model_type = config.get("model_type")
     has_safetensors = any(folder.glob("*.safetensors"))
@@ -139,7 +141,7 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, rank: int
         logger.warning("quantized matmuls run in bfloat16, but the embedding, norms, attention, the layers kept "
                        "in float and the KV cache stay float32: DTYPE_STR=bfloat16 is faster")
     if pack_linears:
-        pack_linear_layers(model, dtype, device)
+        pack_linear_layers(model, dtype, device, float32=float32_prepack)
     return model.eval().requires_grad_(False)
 
 

@@ -39,6 +39,7 @@ class WorkerConfig:
     quantize: str | None = knob(None, "QUANTIZE", "weight-only quantization at load: none, int8 (per channel) or int4 (group-wise); matmuls in bfloat16")
     quantize_group_size: int = knob(32, "QUANTIZE_GROUP_SIZE", "int4: input columns per scale/zero pair (halved for a layer it does not divide)")
     pt2_compile: str | None = knob(None, "PT2_COMPILE", "torch.compile the forward pass: any value but false (start-up compiles for minutes)")
+    float32_prepack: str = knob("auto", "FLOAT32_PREPACK", "CPU float32: prepack linear weights for oneDNN: auto (when it measures faster than torch's kernel at load), true, or false (matmuls bit-identical to transformers')")
     native_kernels: bool = knob(True, "NATIVE_KERNELS", "on CPU, build (once per machine, cached) and use the native decode-attention kernel; needs g++ or $CXX, else torch ops")
     deployment_framework: str | None = knob(None, "DEPLOYMENT_FRAMEWORK", "engine: tgis_native (our tensor-parallel families), hf_transformers or hf_accelerate (any transformers causal LM, one shard); unset: tgis_native when the model type has it, else hf_transformers")
     prefix_store_path: str | None = knob(None, "PREFIX_STORE_PATH", "folder of tuned prompt prefixes, one sub-folder per prefix_id (unset: prefixes off)")

@@ -1,9 +1,9 @@
 """Decode attention on CPU through the native kernel (kernels/paged_decode.cpp): when it applies, and the call.
 
 It reads each decode's K/V blocks in place, all decodes of a pass in one
-call whatever their lengths.  Demo model, bfloat16, per layer: 32 decodes of
-~50 keys 360 -> ~90 us, 16 decodes of 1,024 keys 7.2 -> ~1 ms (gather + SDPA
-before).  It covers float32 and bfloat16 caches with causal attention and
+call whatever their lengths.  Demo model's shapes, bfloat16, per layer (AMD
+EPYC, 2 threads): 32 decodes of 48 keys 248 -> 143 us, 16 decodes of 1,024
+keys 6.6 -> 2.0 ms, one decode of 64 keys 43 -> 18 us (gather + SDPA before).  It covers float32 and bfloat16 caches with causal attention and
 sliding windows; position biases (ALiBi, T5) and other dtypes keep the torch path.
 """
 

@@ -83,7 +83,8 @@ class Engine:
         compiled = pt2_compile_enabled(config.pt2_compile) and not model_config.get("is_encoder_decoder", False)
         self.model = load_model(self.model_path, self.dtype, self.device, config.rank, config.world_size,
                                 quantize=config.quantize, group_size=config.quantize_group_size,
-                                framework=config.deployment_framework, pack_linears=not compiled)
+                                framework=config.deployment_framework, pack_linears=not compiled,
+                                float32_prepack=config.float32_prepack)
         args = self.model.args
         positions = getattr(self.model, "max_positions", None)
         if positions is not None and self.max_sequence_length > positions:
@@ -117,9 +118,11 @@ class Engine:
         if pt2_compile_enabled(config.pt2_compile) and not compiled:
             logger.warning("PT2_COMPILE is not applied to encoder-decoder models: they run eagerly")
         elif compiled:
-            compile_model(self.model, freeze=packed_linears_supported(self.dtype, self.device))
+            # Frozen bfloat16 weights: inductor packs them for oneDNN (float32 ones it would hand to MKL's packed sgemm).
+            compile_model(self.model, freeze=self.dtype == torch.bfloat16
+                          and packed_linears_supported(self.dtype, self.device))
             # The output layer runs outside the compiled forward (`logits`): packed as in an eager model.
-            pack_linear_layers(self.model, self.dtype, self.device, names={"lm_head"})
+            pack_linear_layers(self.model, self.dtype, self.device, names={"lm_head"}, float32=config.float32_prepack)
             warm_up(self.model, self.cache, config.max_batch_size, min(WARM_UP_PREFILL, self.max_sequence_length - 1))
 
     def model_info(self) -> ModelInfo:
