@@ -36,12 +36,12 @@ def enable(on: bool) -> bool:
     return True
 
 
-def applies(q: torch.Tensor, k_cache: torch.Tensor, positional: bool) -> bool:
+def applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positional: bool) -> bool:
     """Whether the kernel can run these decodes: a loaded kernel for the dtype, CPU, contiguous, no position bias,
     a head dim of 16 to 256 in steps of 16 (its vector width), at most 64 query heads per KV head."""
     head_dim, group = q.shape[-1], q.shape[-2] // k_cache.shape[2]
     return (not positional and q.dtype in _kernels and q.device.type == "cpu" and k_cache.dtype == q.dtype
-            and q.is_contiguous() and k_cache.is_contiguous() and head_dim % 16 == 0 and head_dim <= 256
+            and q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and head_dim % 16 == 0 and head_dim <= 256
             and group <= 64)
 
 

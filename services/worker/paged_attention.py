@@ -203,7 +203,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, batch.slots, v)
     # Contiguous, as the fake op below promises the compiler; decodes fill its first rows, chunks the rest.
     out = q.new_empty(q.shape)
-    if batch.num_decode and cpu_attention.applies(q, k_cache, positional):
+    if batch.num_decode and cpu_attention.applies(q, k_cache, v_cache, positional):
         tables, lengths = batch.decode_table_tensors
         cpu_attention.decode(q, k_cache, v_cache, tables, lengths, out, sliding_window)
     elif batch.num_decode:
