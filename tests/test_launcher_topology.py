@@ -9,7 +9,7 @@ from services.gateway.pb import generation_pb2 as pb
 from services.gateway.pb import generation_pb2_grpc
 from services.launcher import Child, Launcher, LauncherConfig, check_config
 from tests import reference
-from tests.cluster import metric_values
+from tests.cluster import metric_values, wait_for
 from tests.pipeline import Pipeline
 
 
@@ -42,6 +42,11 @@ def test_two_gateways_two_replicas_over_loopback_tcp(tiny_model_path, tmp_path):
     pipeline = Pipeline(tiny_model_path, tmp_path, "--max-sequence-length", "256", "--num-gateways", "2",
                         "--num-replicas", "2", "--num-tokenizers", "2", "--internal-transport", "tcp").start()
     try:
+        # start() returns once the first gateway's /health passes, for which one ready replica suffices; the other
+        # replica's worker may still be loading, so wait until every gateway sees both (one that never does fails).
+        for offset in (0, 1):
+            wait_for(lambda http=pipeline.http_port + offset: list(metric_values(http, "tgi_replica_ready").values())
+                     == [1.0, 1.0], 120, f"gateway {offset} sees both replicas ready", pipeline.logs)
         expected = reference.greedy(tiny_model_path, "Once upon a time", 12)
         request = pb.BatchedGenerationRequest(requests=[pb.GenerationRequest(text="Once upon a time")] * 4,
                                               params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=12)))
