@@ -63,11 +63,11 @@ def load(name: str) -> ctypes.CDLL | None:
 def _build(compiler: str, source: Path, library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     logger.info("Building native CPU kernel %s with %s", source.name, compiler)
-    with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as temporary:
-        pass
+    handle, temporary = tempfile.mkstemp(dir=library.parent, suffix=".so")
+    os.close(handle)
     try:
-        subprocess.run([compiler, *FLAGS, str(source), "-o", temporary.name], check=True, capture_output=True,
+        subprocess.run([compiler, *FLAGS, str(source), "-o", temporary], check=True, capture_output=True,
                        text=True, timeout=300)
-        os.replace(temporary.name, library)
+        os.replace(temporary, library)
     finally:
-        Path(temporary.name).unlink(missing_ok=True)
+        Path(temporary).unlink(missing_ok=True)

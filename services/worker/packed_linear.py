@@ -51,22 +51,20 @@ def packed_linears_supported(dtype: torch.dtype, device: torch.device) -> bool:
 def _packing_pays(linear: nn.Linear, rows: tuple[int, ...] = (1, 32), repeats: int = 5) -> bool:
     """Whether `linear` packed runs faster than torch's own float32 kernel, over one and 32 rows together."""
     packed = PackedLinear(linear)
-    own = mine = 0.0
+    seconds = {linear: 0.0, packed: 0.0}
     for count in rows:
         x = torch.randn(count, linear.in_features)
         for layer in (linear, packed) * 2:  # the first of each to warm up
             layer(x)
-        for layer in (linear, packed):
+        for layer in seconds:
             started = time.perf_counter()
             for _ in range(repeats):
                 layer(x)
-            if layer is linear:
-                own += time.perf_counter() - started
-            else:
-                mine += time.perf_counter() - started
+            seconds[layer] += time.perf_counter() - started
     logger.info("float32 %dx%d projection, 1 + 32 rows: torch's kernel %.2f ms, oneDNN packed %.2f ms",
-                linear.out_features, linear.in_features, own / repeats * 1e3, mine / repeats * 1e3)
-    return mine < own
+                linear.out_features, linear.in_features, seconds[linear] / repeats * 1e3,
+                seconds[packed] / repeats * 1e3)
+    return seconds[packed] < seconds[linear]
 
 
 def pack_linear_layers(model: nn.Module, dtype: torch.dtype, device: torch.device,

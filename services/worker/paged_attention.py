@@ -6,11 +6,12 @@ lists, position p living in block `table[p // block_size]` at offset
 `p % block_size`.  A forward pass packs all of a step's tokens along one
 axis: first one token per decoding sequence, then the prefill chunks.  Per
 layer, every token's K/V is written into its slot first, then queries attend:
-decode tokens in batched calls over their gathered blocks (one call per group
-of similar table lengths, padded to the group's longest table and masked by
-length), each prefill chunk on its own, over its
-own K/V when it starts the sequence (plain causal attention), else over its
-gathered blocks with a causal mask shifted by the chunk's start.
+decode tokens in one call of the native CPU kernel, which reads their blocks
+in place (`cpu_attention.py`), or else in batched SDPA calls over their
+gathered blocks (one call per group of similar table lengths, padded to the
+group's longest table and masked by length); each prefill chunk on its own,
+over its own K/V when it starts the sequence (plain causal attention), else
+over its gathered blocks with a causal mask shifted by the chunk's start.
 
 Models reach it through `attend(q, k, v, layer)`: the step's `PagedBatch`
 and the cache come from `forward_context`, set by the engine around the
@@ -68,11 +69,17 @@ class DecodeGroup:
     @classmethod
     def build(cls, rows: list[int] | None, tables: list[list[int]], lengths: list[int], block_size: int,
               device: torch.device) -> DecodeGroup:
-        width = max(len(t) for t in tables)
-        blocks = torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], device=device)
-        keys = torch.arange(width * block_size, device=device)
+        blocks = _padded_tables(tables, device)
+        keys = torch.arange(blocks.shape[1] * block_size, device=device)
         mask = (keys[None] < torch.tensor(lengths, device=device)[:, None])[:, None, None]
         return cls(None if rows is None else torch.tensor(rows, device=device), blocks, mask)
+
+
+def _padded_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Block tables as one int64 tensor [n, longest], each padded with its own first block (a real block, so
+    reading it is safe; the masks or lengths keep it out of the attention)."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], dtype=torch.int64, device=device)
 
 
 def _decode_groups(tables: list[list[int]], lengths: list[int], block_size: int,
@@ -133,9 +140,7 @@ class PagedBatch:
     def decode_table_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every decode's block table, padded to the longest, [num_decode, width], and key counts [num_decode]
         (int64), for the native kernel."""
-        width = max(len(t) for t in self.decode_tables)
-        padded = [t + [t[0]] * (width - len(t)) for t in self.decode_tables]
-        return (torch.tensor(padded, dtype=torch.int64, device=self.device),
+        return (_padded_tables(self.decode_tables, self.device),
                 torch.tensor(self.decode_lengths, dtype=torch.int64, device=self.device))
 
 
